@@ -1,0 +1,62 @@
+"""The expert bank: E independent FFNs with weights stacked per expert (lesson 01).
+
+`LoopExperts` is the plain version: one small GEMM chain per expert, in a Python
+loop. Lesson 04 adds banks that batch the experts; all of them read these same
+stacked weights, so any dispatcher can use any bank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .init import init_expert_weights
+
+
+def activate(h1: torch.Tensor, h3: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The nonlinearity between the two matmuls: gelu(h1), or silu(h1) ⊙ h3 for swiglu."""
+    if activation == "swiglu":
+        return F.silu(h1) * h3
+    return F.gelu(h1)
+
+
+class ExpertBank(nn.Module):
+    """The weights of the experts this rank owns, stacked: w1 [e, H, F], w2 [e, F, H],
+    and w3 [e, H, F] for swiglu. No biases. `experts` is the range of global expert
+    ids held here (all of them on a single device).
+
+    forward(x, counts): x [M, H] holds the rows sent to these experts, grouped by
+    expert in order (counts[i] rows for local expert i); returns [M, H] in the same order.
+    """
+
+    def __init__(self, cfg: MoEConfig, experts: range):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = experts
+        for name, w in init_expert_weights(cfg, experts).items():
+            self.register_parameter(name, nn.Parameter(w))
+
+    def extra_repr(self) -> str:
+        e, c = self.experts, self.cfg
+        return f"experts {e.start}..{e.stop - 1} ({len(e)} here), {c.activation}, H={c.hidden_dim}, F={c.ffn_dim}"
+
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoopExperts(ExpertBank):
+    """One expert at a time: split the grouped rows by count, run each expert's FFN."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        swiglu = self.cfg.activation == "swiglu"
+        outs = []
+        # tolist() is the one host sync: Python needs the sizes to slice.
+        for e, rows in enumerate(x.split(counts.tolist())):
+            h3 = rows @ self.w3[e] if swiglu else None
+            outs.append(activate(rows @ self.w1[e], h3, self.cfg.activation) @ self.w2[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.cfg.hidden_dim)

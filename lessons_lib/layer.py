@@ -1,0 +1,98 @@
+"""The MoE layer: a router, a dispatcher and an expert bank, composed (lesson 01).
+
+    y = Σ_{e in top-k(x)} weight_e(x) · expert_e(x)
+
+Each lesson swaps one part by name: lesson 02 and 03 the dispatcher, lesson 04 the
+expert bank, lesson 06 the router. `MoELayer(cfg, dispatcher="alltoall", experts="grouped",
+group=ep_group)` is the course's final layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .dispatch_local import LocalDispatcher
+from .experts import LoopExperts
+from .router import Routing, TopKRouter, load_balancing_loss
+
+DISPATCHERS: dict[str, type[nn.Module]] = {"local": LocalDispatcher}
+EXPERT_BANKS: dict[str, type[nn.Module]] = {"loop": LoopExperts}
+
+
+@dataclass
+class MoEAux:
+    """What the layer reports beside its output, for the losses and the plots.
+
+    aux_loss: the load-balancing loss of this rank's tokens (`router.load_balancing_loss`).
+    tokens_per_expert: [E] int64, (token, slot) pairs this rank's tokens sent to each expert.
+    routing: the router's full decision.
+    """
+
+    aux_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    routing: Routing
+
+
+def _pick(kind: str, name: str, registry: dict):
+    if name not in registry:
+        raise ValueError(f"MoELayer {kind} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+class MoELayer(nn.Module):
+    """x [T, H] -> (y [T, H], MoEAux).
+
+    dispatcher: how rows reach the experts ("local": all experts on this device).
+    experts: how the expert bank runs its experts ("loop": one after the other).
+    group: the expert-parallel process group (None for "local").
+    """
+
+    def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None):
+        super().__init__()
+        self.cfg = cfg
+        self.dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
+        self.router = TopKRouter(cfg)
+        # The dispatcher knows which experts this rank owns; the bank holds just those.
+        self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts)
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        routing = self.router(x)
+        rows, counts, state = self.dispatcher.dispatch(x, routing)
+        y = self.dispatcher.combine(self.experts(rows, counts), state)
+        E = self.cfg.num_experts
+        aux = MoEAux(load_balancing_loss(routing, E), routing.tokens_per_expert(E), routing)
+        return y, aux
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        H, dtype = self.cfg.hidden_dim, self.cfg.torch_dtype
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MoELayer input must have shape [tokens, hidden_dim={H}], got {shape}")
+        if x.dtype != dtype:
+            raise ValueError(f"MoELayer input dtype must be {dtype} (cfg.dtype), got {x.dtype}")
+        if x.device != self.router.weight.device:
+            raise ValueError(f"MoELayer input is on {x.device} but the layer is on {self.router.weight.device}")
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load the unsharded weights (`lessons_lib.init.init_full_state_dict` names and shapes),
+        keeping only the experts this rank owns."""
+        expected = {"router.weight": self.router.weight}
+        for name, p in self.experts.named_parameters():
+            expected[f"experts.{name}"] = p
+        missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+        if missing or unexpected:
+            raise ValueError(f"state dict keys differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        E = self.cfg.num_experts
+        for name, p in expected.items():
+            full = sd[name]
+            want = (E, *p.shape[1:]) if name.startswith("experts.") else tuple(p.shape)
+            if tuple(full.shape) != want:
+                raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
+            if name.startswith("experts."):
+                full = full[self.experts.experts.start : self.experts.experts.stop]
+            p.copy_(full)

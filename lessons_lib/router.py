@@ -1,0 +1,81 @@
+"""The router: which experts each token goes to, and with what weight (lesson 01).
+
+Lesson 06 adds other routers beside `TopKRouter`; they all return a `Routing`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .init import init_router_weight
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens.
+
+    expert_ids: [T, k] int64, the chosen experts of each token, best first.
+    weights: [T, k] fp32, the weight of each chosen expert in the token's output.
+    probs: [T, E] fp32, the router's full probability distribution (for the losses).
+    logits: [T, E] fp32, the raw scores.
+    """
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+
+    def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
+        """How many (token, slot) pairs each expert received: [E] int64, sums to T·k."""
+        return torch.bincount(self.expert_ids.flatten(), minlength=num_experts)
+
+
+class TopKRouter(nn.Module):
+    """Softmax over all experts, then top-k (Mixtral).
+
+    With `norm_topk_prob` the k chosen probabilities are renormalized to sum to 1
+    (Mixtral); without it they are used as they are (Qwen-MoE with norm_topk_prob=False),
+    so a token's weights sum to less than 1.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(init_router_weight(cfg))  # [E, H], the name every variant loads
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"E={c.num_experts}, top_k={c.top_k}, norm_topk_prob={c.norm_topk_prob}"
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # Scores in fp32: a bf16 softmax over many experts flips near-ties in top-k.
+        logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, expert_ids = probs.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(expert_ids=expert_ids, weights=weights, probs=probs, logits=logits)
+
+
+def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+    """The Switch Transformer / GShard auxiliary loss, E · Σ_i f_i · P_i.
+
+    f_i: the fraction of the T·k (token, slot) assignments that went to expert i
+         (a count: no gradient flows through it).
+    P_i: the mean router probability of expert i over the T tokens (differentiable).
+
+    Normalization: f and P each sum to 1, so the loss is exactly 1 when routing is
+    uniform (f_i = P_i = 1/E) and grows towards E as routing collapses onto one expert,
+    whatever k is. (Switch uses k = 1; HF's Mixtral version is k times this value.)
+    Its gradient pushes probability away from the experts that get the most tokens.
+    """
+    T = routing.probs.shape[0]
+    if T == 0:
+        return routing.probs.sum() * 0.0  # keeps the graph, so backward still works
+    f = routing.tokens_per_expert(num_experts).to(routing.probs.dtype) / routing.expert_ids.numel()
+    P = routing.probs.mean(dim=0)
+    return num_experts * (f * P).sum()

@@ -1,0 +1,102 @@
+"""A toy task and a training loop for the lessons (lesson 01; lesson 06 uses the clusters).
+
+The task is the published notebook's: fit a frozen random linear map, target = x · A.
+Inputs are Gaussian, or drawn around a few cluster centres: clustered tokens look
+alike to the router, which is what lets routing collapse onto a few experts in lesson 06.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.std import tqdm
+
+INPUTS = ("gaussian", "clusters")
+
+
+@dataclass
+class ToyTask:
+    """Tokens x [T, H] and their targets x · A, A a frozen random [H, H] map."""
+
+    hidden_dim: int
+    inputs: str = "gaussian"
+    num_clusters: int = 4
+    cluster_spread: float = 0.1
+    seed: int = 0
+    target_map: torch.Tensor = field(init=False, repr=False)
+    centres: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.inputs not in INPUTS:
+            raise ValueError(f"ToyTask.inputs must be one of {list(INPUTS)}, got {self.inputs!r}")
+        if self.hidden_dim <= 0 or self.num_clusters <= 0 or self.cluster_spread < 0:
+            raise ValueError("ToyTask needs hidden_dim > 0, num_clusters > 0 and cluster_spread >= 0")
+        g = torch.Generator().manual_seed(self.seed)
+        self.target_map = torch.randn(self.hidden_dim, self.hidden_dim, generator=g) / math.sqrt(self.hidden_dim)
+        self.centres = torch.randn(self.num_clusters, self.hidden_dim, generator=g)
+
+    def sample(self, num_tokens: int, generator: torch.Generator, dtype=torch.float32, device="cpu"):
+        """A batch (x, target), both [num_tokens, H], drawn from `generator` (on the CPU)."""
+        if self.inputs == "gaussian":
+            x = torch.randn(num_tokens, self.hidden_dim, generator=generator)
+        else:
+            which = torch.randint(self.num_clusters, (num_tokens,), generator=generator)
+            noise = torch.randn(num_tokens, self.hidden_dim, generator=generator)
+            x = self.centres[which] + self.cluster_spread * noise
+        target = x @ self.target_map
+        return x.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
+
+
+@dataclass
+class TrainLog:
+    """Per-step records of `train`: task loss, aux loss and tokens per expert ([steps, E])."""
+
+    loss: list[float]
+    aux_loss: list[float]
+    tokens_per_expert: np.ndarray
+
+    def max_over_mean(self) -> np.ndarray:
+        """Per step, the busiest expert's load over the mean load (1 = perfectly balanced)."""
+        counts = self.tokens_per_expert.astype(float)
+        return counts.max(axis=1) / counts.mean(axis=1)
+
+
+def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_coef: float = 0.0,
+          seed: int = 0, rank: int = 0, group=None, progress: bool = True) -> TrainLog:
+    """Train `layer` on `task` with AdamW: loss = mse(y, target) + aux_coef · aux_loss.
+
+    Every step draws `tokens` fresh tokens; `rank` offsets the data seed so the ranks of an
+    expert-parallel run see different data. With `group`, the logged losses are averaged
+    and the tokens per expert summed over the group, so every rank logs the global view.
+    """
+    if steps <= 0 or tokens < 0:
+        raise ValueError(f"train needs steps > 0 and tokens >= 0, got steps={steps}, tokens={tokens}")
+    device = next(layer.parameters()).device
+    dtype = layer.cfg.torch_dtype
+    g = torch.Generator().manual_seed(seed * 7919 + rank)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr)
+    losses, aux_losses, counts = [], [], []
+    bar = tqdm(range(steps), desc="train", file=sys.stderr, mininterval=0.5, disable=not progress or rank != 0)
+    for _ in bar:
+        x, target = task.sample(tokens, g, dtype=dtype, device=device)
+        y, aux = layer(x)
+        task_loss = F.mse_loss(y.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        (task_loss + aux_coef * aux.aux_loss).backward()
+        opt.step()
+        logged = torch.stack([task_loss.detach(), aux.aux_loss.detach()]).float()
+        step_counts = aux.tokens_per_expert.detach().clone()
+        if group is not None:
+            dist.all_reduce(logged, group=group)
+            logged /= dist.get_world_size(group)
+            dist.all_reduce(step_counts, group=group)
+        losses.append(logged[0].item())
+        aux_losses.append(logged[1].item())
+        counts.append(step_counts.cpu().numpy())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    return TrainLog(losses, aux_losses, np.stack(counts))
