@@ -163,6 +163,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def torchrun_command(python: str, nproc: int, torchrun_args, script) -> list[str]:
+    """`--standalone` (a private rendezvous on a free port, so students sharing a machine never
+    collide) unless the extra arguments bring a rendezvous of their own, as on a multi-node cluster."""
+    extra = [str(a) for a in torchrun_args]
+    standalone = [] if any(a.split("=")[0] in _RDZV_FLAGS for a in extra) else ["--standalone"]
+    return [python, "-m", "torch.distributed.run", *standalone, f"--nproc-per-node={nproc}", *extra, str(script)]
+
+
 def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None = None,
               params: dict | None = None, timeout: float = 600, torchrun_args=(), stream: bool = True,
               python: str = sys.executable) -> LaunchResult:
@@ -189,10 +197,7 @@ def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None
                    LAUNCHER_RESULT=str(run_dir / "result.json"))
         # torchrun would set 1 thread per rank and print a warning about it; share the cores instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        extra = [str(a) for a in torchrun_args]
-        standalone = [] if any(a.split("=")[0] in _RDZV_FLAGS for a in extra) else ["--standalone"]
-        command = [python, "-m", "torch.distributed.run", *standalone, f"--nproc-per-node={nproc}",
-                   *extra, str(run_dir / "script.py")]
+        command = torchrun_command(python, nproc, torchrun_args, run_dir / "script.py")
         returncode, logs, seconds = _run(command, env, timeout, stream)
         # First failure first: the others are often a consequence (a peer gone mid-collective).
         markers = sorted(run_dir.glob("failed-rank*"), key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,42 @@
+"""Every lesson runs top to bottom under papermill, from a directory that is not notebooks/."""
+import nbformat
+import pytest
+
+from launcher.course import course_notebooks, execute_notebook
+
+NOTEBOOKS = course_notebooks()
+TIME_LIMIT_S = 300  # per notebook, on the 2-core CI machine
+
+
+def test_the_course_has_its_lessons_in_order():
+    names = [p.name[:2] for p in NOTEBOOKS]
+    assert names[:2] == ["00", "01"] and names == sorted(names)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_notebook_has_no_outputs(notebook):
+    nb = nbformat.read(str(notebook), as_version=4)
+    dirty = [i + 1 for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not dirty, f"{notebook.name}: cells {dirty} carry outputs; clear them before committing"
+    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), "a papermill parameters cell"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(notebook, tmp_path):
+    out = execute_notebook(notebook, tmp_path / "run", timeout=TIME_LIMIT_S)
+    assert out.with_suffix(".html").is_file()
+    nb = nbformat.read(str(out), as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+
+
+def test_a_failing_assertion_fails_the_run(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("assert x == 2, 'the claim does not hold'")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "99_broken.ipynb"
+    nbformat.write(nb, str(path))
+    with pytest.raises(RuntimeError, match="failed"):
+        execute_notebook(path, tmp_path / "run", timeout=120, html=False)
