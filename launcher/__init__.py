@@ -6,9 +6,9 @@
 
 Importing it in a notebook also registers the `%%torchrun` cell magic.
 """
-from .run import LaunchError, LaunchResult, LaunchTimeout, find_notebook, pick_backend, run_cells
+from .run import LaunchError, LaunchResult, LaunchTimeout, find_notebook, pick_backend, run_cells, run_script
 
-__all__ = ["LaunchError", "LaunchResult", "LaunchTimeout", "find_notebook", "pick_backend", "run_cells"]
+__all__ = ["LaunchError", "LaunchResult", "LaunchTimeout", "find_notebook", "pick_backend", "run_cells", "run_script"]
 
 
 def load_ipython_extension(ipython) -> None:

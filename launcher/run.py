@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import magic
-from .extract import build_script, read_tagged_cells
+from .extract import build_script, check_params, read_tagged_cells
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -188,13 +188,29 @@ def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None
     _warn_if_unsaved(cells)
     nproc, backend = pick_backend(nproc, backend)
     script = build_script(path, tags, cells, params)
+    return _launch(script, path.parent, nproc, backend, {}, timeout, torchrun_args, stream, python)
+
+
+def run_script(path, nproc: int | None = None, backend: str | None = None, params: dict | None = None,
+               timeout: float = 600, torchrun_args=(), stream: bool = True,
+               python: str = sys.executable) -> LaunchResult:
+    """Run a Python file under torchrun the way `run_cells` runs cells. The file calls
+    `launcher.runtime.run(main)`, where main calls `runtime.setup()` and `runtime.finish(result)`;
+    `runtime.params()` returns `params`."""
+    path = Path(path).resolve()
+    nproc, backend = pick_backend(nproc, backend)
+    env = {"LAUNCHER_PARAMS": json.dumps(check_params(params))}
+    return _launch(path.read_text(), path.parent, nproc, backend, env, timeout, torchrun_args, stream, python)
+
+
+def _launch(script, search_path, nproc, backend, extra_env, timeout, torchrun_args, stream, python) -> LaunchResult:
     run_dir = Path(tempfile.mkdtemp(prefix="launcher-"))
     try:
         (run_dir / "script.py").write_text(script)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(path.parent)] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(search_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.update(PYTHONUNBUFFERED="1", LAUNCHER_BACKEND=backend, LAUNCHER_RUN_DIR=str(run_dir),
-                   LAUNCHER_RESULT=str(run_dir / "result.json"))
+                   LAUNCHER_RESULT=str(run_dir / "result.json"), **extra_env)
         # torchrun would set 1 thread per rank and print a warning about it; share the cores instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         command = torchrun_command(python, nproc, torchrun_args, run_dir / "script.py")

@@ -73,6 +73,11 @@ def setup():
     return rank, dist.get_world_size(), device
 
 
+def params() -> dict:
+    """The `params` given to `launcher.run_script`."""
+    return json.loads(os.environ.get("LAUNCHER_PARAMS") or "{}")
+
+
 def _to_json(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()

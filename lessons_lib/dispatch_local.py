@@ -54,7 +54,12 @@ class LocalDispatcher(nn.Module):
         return x[token], counts, state
 
     def combine(self, expert_out: torch.Tensor, state: LocalState) -> torch.Tensor:
-        # Accumulate in fp32 so a bf16 layer sums its k contributions without extra rounding.
-        weighted = expert_out.float() * state.weight[:, None]
-        y = expert_out.new_zeros(state.num_tokens, expert_out.shape[1], dtype=torch.float32)
-        return y.index_add(0, state.token, weighted).to(expert_out.dtype)
+        return weighted_sum_by_token(expert_out, state.token, state.weight, state.num_tokens)
+
+
+def weighted_sum_by_token(rows: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_tokens: int):
+    """y[t] = Σ weight[i] · rows[i] over the rows i whose token[i] == t: the combine step."""
+    # Accumulate in fp32 so a bf16 layer sums its k contributions without extra rounding.
+    weighted = rows.float() * weight[:, None]
+    y = rows.new_zeros(num_tokens, rows.shape[1], dtype=torch.float32)
+    return y.index_add(0, token, weighted).to(rows.dtype)

@@ -14,11 +14,17 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
+from .dispatch_allgather import AllGatherDispatcher
+from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_local import LocalDispatcher
 from .experts import LoopExperts
 from .router import Routing, TopKRouter, load_balancing_loss
 
-DISPATCHERS: dict[str, type[nn.Module]] = {"local": LocalDispatcher}
+DISPATCHERS: dict[str, type[nn.Module]] = {
+    "local": LocalDispatcher,  # lesson 01: every expert on this device
+    "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
+    "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
+}
 EXPERT_BANKS: dict[str, type[nn.Module]] = {"loop": LoopExperts}
 
 
@@ -47,7 +53,8 @@ class MoELayer(nn.Module):
 
     dispatcher: how rows reach the experts ("local": all experts on this device).
     experts: how the expert bank runs its experts ("loop": one after the other).
-    group: the expert-parallel process group (None for "local").
+    group: the expert-parallel process group of an EP dispatcher (None: all ranks);
+        "local" takes none.
     """
 
     def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None):
@@ -59,7 +66,13 @@ class MoELayer(nn.Module):
         self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts)
 
     def forward(self, x: torch.Tensor):
-        self._check_input(x)
+        problem = self._input_problem(x)
+        if problem is not None:
+            code, message = problem
+            if getattr(self.dispatcher, "collective", False):
+                # The other ranks are about to wait for us in a collective: tell them, then raise.
+                self.dispatcher.abort(code, message, self.router.weight.device)
+            raise ValueError(message)
         routing = self.router(x)
         rows, counts, state = self.dispatcher.dispatch(x, routing)
         y = self.dispatcher.combine(self.experts(rows, counts), state)
@@ -67,15 +80,18 @@ class MoELayer(nn.Module):
         aux = MoEAux(load_balancing_loss(routing, E), routing.tokens_per_expert(E), routing)
         return y, aux
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        H, dtype = self.cfg.hidden_dim, self.cfg.torch_dtype
+    def _input_problem(self, x) -> tuple[int, str] | None:
+        """(code, message) if x cannot be this layer's input; the codes are those of
+        `dispatch_allgather.INPUT_PROBLEMS`, which EP dispatchers send to the other ranks."""
+        H, dtype, device = self.cfg.hidden_dim, self.cfg.torch_dtype, self.router.weight.device
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MoELayer input must have shape [tokens, hidden_dim={H}], got {shape}")
+            return 1, f"MoELayer input must have shape [tokens, hidden_dim={H}], got {shape}"
         if x.dtype != dtype:
-            raise ValueError(f"MoELayer input dtype must be {dtype} (cfg.dtype), got {x.dtype}")
-        if x.device != self.router.weight.device:
-            raise ValueError(f"MoELayer input is on {x.device} but the layer is on {self.router.weight.device}")
+            return 2, f"MoELayer input dtype must be {dtype} (cfg.dtype), got {x.dtype}"
+        if x.device != device:
+            return 3, f"MoELayer input is on {x.device} but the layer is on {device}"
+        return None
 
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,205 @@
+"""Expert parallelism by padded all_gather (lesson 02).
+
+Rank r of N owns experts r·E/N … (r+1)·E/N − 1. Every rank:
+  1. flattens its tokens into T·k (token, slot) rows, each with metadata
+     (global expert id, source rank, source token, slot);
+  2. pads its rows to the largest row count of any rank, so every rank sends the same shape;
+  3. all-gathers everyone's rows and metadata, and keeps the rows whose expert it owns;
+  4. runs its experts on them (grouped by local expert);
+  5. sends the results back with reduce_scatter, the mirror image of all_gather: each rank
+     writes its results into a zero buffer at the gathered positions, and the sum over ranks
+     lands each row on its source rank, where the k results of a token are weighted and added.
+
+Simple, and wasteful: every rank receives every row of every rank, padding included, and keeps
+only about 1/N of them. `Traffic` counts that waste; lesson 03 removes it.
+
+This module also holds what every expert-parallel dispatcher shares: `ExpertParallelDispatcher`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import MoEConfig
+from .distributed import experts_of_rank, rank_and_size
+from .router import Routing
+
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor; same arguments.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# Why a rank's input was refused; the code travels with the first collective so all ranks stop.
+INPUT_PROBLEMS = {1: "shape", 2: "dtype", 3: "device"}
+
+
+@dataclass
+class PhaseBytes:
+    """Bytes one rank sent to and received from other ranks in one phase of one forward pass."""
+
+    sent: int = 0
+    received: int = 0
+    useful: int = 0  # of `sent`: rows another rank really needed (no padding, nothing discarded)
+
+
+@dataclass
+class Traffic:
+    """What a dispatcher moved in its last forward pass, counted from the sizes it really used.
+
+    Backward moves the same amounts again, through the mirror-image collectives."""
+
+    phases: dict = field(default_factory=dict)  # name -> PhaseBytes
+
+    def add(self, phase: str, sent: int, received: int, useful: int) -> None:
+        p = self.phases.setdefault(phase, PhaseBytes())
+        p.sent += int(sent)
+        p.received += int(received)
+        p.useful += int(useful)
+
+    @property
+    def sent(self) -> int:
+        return sum(p.sent for p in self.phases.values())
+
+    @property
+    def useful(self) -> int:
+        return sum(p.useful for p in self.phases.values())
+
+    def as_dict(self) -> dict:
+        return {name: vars(p).copy() for name, p in self.phases.items()} | {"sent": self.sent, "useful": self.useful}
+
+
+class ExpertParallelDispatcher(nn.Module):
+    """What the expert-parallel dispatchers share: the group, which experts this rank owns,
+    the traffic record, and stopping all ranks together when one rank's input is bad."""
+
+    collective = True
+
+    def __init__(self, cfg: MoEConfig, group=None):
+        super().__init__()
+        self.cfg = cfg
+        self.group = group  # None: all ranks
+        self.rank, self.world_size = rank_and_size(group)  # RuntimeError if not initialized
+        self.experts = experts_of_rank(cfg.num_experts, self.rank, self.world_size)  # ValueError if E % N
+        self.num_local_experts = len(self.experts)
+        self.traffic = Traffic()
+
+    def extra_repr(self) -> str:
+        e = self.experts
+        return f"rank {self.rank} of {self.world_size}, owns experts {e.start}..{e.stop - 1}"
+
+    def _stop_if_any_rank_failed(self, codes: list[int]) -> None:
+        bad = [(r, c) for r, c in enumerate(codes) if c]
+        if bad:
+            r, c = bad[0]
+            raise ValueError(f"rank {r} of the expert-parallel group got invalid input "
+                             f"({INPUT_PROBLEMS.get(c, c)}); every rank stops before sending any token")
+
+    def abort(self, code: int, message: str, device: torch.device) -> None:
+        """Called by MoELayer instead of `dispatch` when this rank's input is invalid: take part
+        in the first collective with an error code, so the other ranks raise too, then raise."""
+        self._first_exchange(torch.zeros(self.cfg.num_experts, dtype=torch.long, device=device), code)
+        raise ValueError(message)
+
+    def _first_exchange(self, counts: torch.Tensor, code: int):
+        """The dispatcher's first collective; it carries `code` (0: input fine) to every rank."""
+        raise NotImplementedError
+
+
+class _AllGather(torch.autograd.Function):
+    """[M, ...] per rank -> [N·M, ...] on every rank; backward: reduce_scatter of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+        _all_gather(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReduceScatter.apply(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """[N·M, ...] per rank -> [M, ...]: rank r gets the sum over ranks of block r; backward: all_gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
+        _reduce_scatter(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGather.apply(grad, ctx.group), None
+
+
+@dataclass
+class AllGatherState:
+    keep: torch.Tensor  # positions, in the gathered buffer, of the rows this rank's experts ran
+    padded_rows: int  # M, the per-rank row count after padding
+    weights: torch.Tensor  # [T, k] routing weights of this rank's tokens
+    shape: tuple  # (T, k, H)
+
+
+class AllGatherDispatcher(ExpertParallelDispatcher):
+    """Gather every rank's padded rows, keep this rank's; return results by reduce_scatter."""
+
+    META = 4  # int64 columns of metadata per row: expert, source rank, source token, slot
+
+    def _first_exchange(self, counts: torch.Tensor, code: int) -> list[list[int]]:
+        # Every rank's row count (to find the padding size) and input-error code.
+        mine = torch.stack([counts.sum(), torch.tensor(code, device=counts.device)])
+        every = mine.new_empty(self.world_size * 2)
+        _all_gather(every, mine, group=self.group)
+        every = every.view(self.world_size, 2)
+        nbytes = (self.world_size - 1) * mine.numel() * 8
+        self.traffic.add("sizes", nbytes, nbytes, 0)
+        return every.tolist()
+
+    def dispatch(self, x: torch.Tensor, routing: Routing):
+        self.traffic = Traffic()
+        T, k = routing.expert_ids.shape
+        H, N = x.shape[1], self.world_size
+        every = self._first_exchange(torch.bincount(routing.expert_ids.flatten(), minlength=self.cfg.num_experts), 0)
+        self._stop_if_any_rank_failed([c for _, c in every])
+        M = max(n for n, _ in every)  # every rank pads to the busiest rank's row count
+
+        token = torch.arange(T, device=x.device).repeat_interleave(k)  # row i is (token i // k, slot i % k)
+        meta = torch.stack([routing.expert_ids.flatten(), torch.full_like(token, self.rank), token,
+                            torch.arange(k, device=x.device).repeat(T)], dim=1)
+        rows = torch.cat([x[token], x.new_zeros(M - T * k, H)])
+        meta = torch.cat([meta, meta.new_full((M - T * k, self.META), -1)])  # expert -1: padding
+
+        gathered = _AllGather.apply(rows, self.group)  # [N·M, H], differentiable
+        gathered_meta = meta.new_empty(N * M, self.META)
+        _all_gather(gathered_meta, meta, group=self.group)
+
+        expert = gathered_meta[:, 0]
+        keep = torch.nonzero((expert >= self.experts.start) & (expert < self.experts.stop)).squeeze(1)
+        local = expert[keep] - self.experts.start
+        keep = keep[torch.argsort(local, stable=True)]  # bucket by local expert, gather order inside
+        counts = torch.bincount(local, minlength=self.num_local_experts)
+
+        row_bytes = H * x.element_size()
+        dest = routing.expert_ids.flatten() // self.num_local_experts
+        needed_elsewhere = int((dest != self.rank).sum())
+        self.traffic.add("dispatch", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, needed_elsewhere * row_bytes)
+        meta_bytes = (N - 1) * M * self.META * 8
+        self.traffic.add("metadata", meta_bytes, meta_bytes, 0)
+        return gathered[keep], counts, AllGatherState(keep, M, routing.weights, (T, k, H))
+
+    def combine(self, expert_out: torch.Tensor, state: AllGatherState) -> torch.Tensor:
+        T, k, H = state.shape
+        N, M = self.world_size, state.padded_rows
+        results = expert_out.new_zeros(N * M, H).index_copy(0, state.keep, expert_out)
+        back = _ReduceScatter.apply(results, self.group)[: T * k]  # my rows, in (token, slot) order
+        row_bytes = H * expert_out.element_size()
+        # Results this rank computed for other ranks' tokens: rows it kept from other blocks.
+        for_others = int((state.keep // M != self.rank).sum())
+        self.traffic.add("combine", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, for_others * row_bytes)
+        y = (back.float().view(T, k, H) * state.weights[..., None]).sum(dim=1)
+        return y.to(expert_out.dtype)

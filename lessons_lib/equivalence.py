@@ -1,0 +1,107 @@
+"""Proof that an expert-parallel layer computes what the single-device layer computes (lesson 02).
+
+Both layers load the same unsharded weights. The single-device layer runs the whole global
+batch; the EP layer runs it spread over the ranks, each rank its own slice of tokens. Then
+we compare, on every rank: the outputs, the gradient of the input, of the router weight (summed
+over ranks, since each rank's router copy only sees its own tokens) and of every expert weight
+(each rank holds its experts' slice). The worst relative error of any rank is returned.
+
+Adversarial routings are made by steering the router: every token carries a constant feature
+x[:, 0] = 1 (and rank 0's tokens a marker x[:, 1] = 1), and large weights on those features
+force the choices below while everything else stays random.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .config import MoEConfig
+from .distributed import experts_of_rank, rank_and_size
+from .init import init_full_state_dict
+from .layer import MoELayer
+
+ROUTINGS = {
+    "random": "the router's own random choices",
+    "one_expert": "every token's first choice is the last expert",
+    "own_experts": "rank 0's tokens go to rank 0's experts only",
+    "receives_nothing": "no token goes to the last rank's experts",
+}
+STEER = 30.0  # a logit offset that decides top-k outright (e^-30 ≈ 1e-13)
+
+
+def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int, seed: int = 0):
+    """(unsharded weights, global input X, output-gradient G) for one equality case."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {sorted(ROUTINGS)}, got {routing!r}")
+    g = torch.Generator().manual_seed(seed)
+    total, H = sum(tokens_per_rank), cfg.hidden_dim
+    X = torch.randn(total, H, generator=g)
+    G = torch.randn(total, H, generator=g)
+    X[:, 0] = 1.0
+    X[:, 1] = 0.0
+    X[: tokens_per_rank[0], 1] = 1.0  # rank 0's tokens carry the marker
+    sd = {k: v.float() for k, v in init_full_state_dict(cfg).items()}
+    W = sd["router.weight"]
+    W[:, :2] = 0.0  # only the steering below acts through the two special features
+    if routing == "one_expert":
+        W[cfg.num_experts - 1, 0] = STEER
+    elif routing == "own_experts":
+        W[list(experts_of_rank(cfg.num_experts, 0, world_size)), 1] = STEER
+    elif routing == "receives_nothing":
+        last = experts_of_rank(cfg.num_experts, world_size - 1, world_size)
+        if world_size < 2 or cfg.top_k > cfg.num_experts - len(last):
+            raise ValueError("'receives_nothing' needs 2+ ranks and top_k <= the experts of the other ranks")
+        W[list(last), 0] = -STEER
+    dtype = cfg.torch_dtype
+    return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if b.numel() == 0:
+        return 0.0
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
+                               tokens_per_rank: list[int] | None = None, routing: str = "random",
+                               group=None, seed: int = 0, device=None) -> dict[str, float]:
+    """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
+    layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
+
+    Every rank of `group` must call it with the same arguments (it runs collectives).
+    """
+    rank, N = rank_and_size(group)
+    tokens_per_rank = list(tokens_per_rank) if tokens_per_rank is not None else [8] * N
+    if len(tokens_per_rank) != N:
+        raise ValueError(f"tokens_per_rank needs one entry per rank ({N}), got {tokens_per_rank}")
+    device = device if device is not None else torch.device("cpu")
+    sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed)
+    sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+
+    reference = MoELayer(cfg, "local", "loop").to(device)
+    reference.load_full_state_dict(sd)
+    x_ref = X.clone().requires_grad_()
+    y_ref, _ = reference(x_ref)
+    (y_ref.float() * G.float()).sum().backward()
+
+    layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
+    layer.load_full_state_dict(sd)
+    lo = sum(tokens_per_rank[:rank])
+    hi = lo + tokens_per_rank[rank]
+    x = X[lo:hi].clone().requires_grad_()
+    y, _ = layer(x)
+    (y.float() * G[lo:hi].float()).sum().backward()
+
+    router_grad = layer.router.weight.grad.clone()
+    dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
+    e = layer.experts.experts
+    errors = {
+        "output": _rel(y, y_ref[lo:hi]),
+        "grad_input": _rel(x.grad, x_ref.grad[lo:hi]),
+        "grad_router.weight": _rel(router_grad, reference.router.weight.grad),
+    }
+    for name, p in layer.experts.named_parameters():
+        errors[f"grad_experts.{name}"] = _rel(p.grad, getattr(reference.experts, name).grad[e.start:e.stop])
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(errors, worst.tolist()))

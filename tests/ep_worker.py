@@ -1,0 +1,93 @@
+"""Runs on every rank under torchrun (tests/test_ep.py launches it with launcher.run_script).
+
+Modes (params["mode"]):
+  equality: every dispatcher × activation × routing case against the single-device layer;
+  bad_input: one rank gets bad input, or E is not divisible by N: every rank must raise, none hang;
+  alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single.
+"""
+import torch
+import torch.distributed as dist
+
+from launcher import runtime
+from lessons_lib import MoEConfig, MoELayer
+from lessons_lib.dispatch_alltoall import AllToAll
+from lessons_lib.equivalence import compare_with_single_device
+
+
+def equality_cases(N):
+    base = dict(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+    for dispatcher in ("allgather", "alltoall"):
+        for activation in ("gelu", "swiglu"):
+            cfg = MoEConfig(**base, activation=activation)
+            even = [8] * N
+            yield dispatcher, cfg, "random", even, "random"
+            yield dispatcher, cfg, "one_expert", even, "one_expert"
+            yield dispatcher, cfg, "own_experts", even, "own_experts"
+            if N > 1:
+                yield dispatcher, cfg, "receives_nothing", even, "receives_nothing"
+            yield dispatcher, MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", even, "random"
+            yield dispatcher, MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation), \
+                "E=N", even, "random"
+            yield dispatcher, cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
+            yield dispatcher, cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
+
+
+def main():
+    rank, world_size, device = runtime.setup()
+    p = runtime.params()
+    result = {}
+    if p["mode"] == "equality":
+        rows = []
+        for dispatcher, cfg, name, tokens, routing in equality_cases(world_size):
+            errors = compare_with_single_device(cfg, dispatcher, tokens_per_rank=tokens, routing=routing,
+                                                device=device)
+            rows.append({"dispatcher": dispatcher, "activation": cfg.activation, "case": name,
+                         "worst": max(errors.values()), "errors": errors})
+        result = rows
+    elif p["mode"] == "bad_input":
+        cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+        messages = {}
+        for dispatcher in ("allgather", "alltoall"):
+            layer = MoELayer(cfg, dispatcher).to(device)
+            for bad, x in (("dtype", torch.zeros(4, 16, dtype=torch.float64)), ("shape", torch.zeros(4, 15))):
+                x = x.to(device) if rank == world_size - 1 else torch.zeros(4, 16, device=device)
+                try:
+                    layer(x)
+                    messages[f"{dispatcher}/{bad}"] = "no error"
+                except ValueError as e:
+                    messages[f"{dispatcher}/{bad}"] = str(e)
+            layer(torch.randn(4, 16, device=device))  # the group still works afterwards
+        try:
+            MoELayer(MoEConfig(num_experts=2 * world_size + 1, top_k=2), "alltoall")
+            messages["divisible"] = "no error"
+        except ValueError as e:
+            messages["divisible"] = str(e)
+        every = [None] * world_size
+        dist.all_gather_object(every, messages)
+        result = every
+    elif p["mode"] == "alltoall_autograd":
+        import torch.distributed.nn.functional as dnn
+
+        g = torch.Generator().manual_seed(rank)
+        in_splits = [(rank + 2 * j) % 3 for j in range(world_size)]  # uneven, zeros included
+        every = [None] * world_size
+        dist.all_gather_object(every, in_splits)
+        out_splits = [every[j][rank] for j in range(world_size)]
+        x = torch.randn(sum(in_splits), 5, generator=g).to(device)
+        w = torch.randn(sum(out_splits), 5, generator=g).to(device)
+        x1 = x.clone().requires_grad_()
+        ours = AllToAll.apply(x1, out_splits, in_splits, None)
+        (ours * w).sum().backward()
+        x2 = x.clone().requires_grad_()
+        theirs = dnn.all_to_all_single(torch.empty_like(ours), x2, out_splits, in_splits)
+        (theirs * w).sum().backward()
+        result = {"forward": (ours - theirs).abs().max().item() if ours.numel() else 0.0,
+                  "backward": (x1.grad - x2.grad).abs().max().item() if x.numel() else 0.0}
+        diffs = torch.tensor([result["forward"], result["backward"]], device=device)
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
+    runtime.finish(result)
+
+
+if __name__ == "__main__":
+    runtime.run(main)

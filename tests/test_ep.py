@@ -1,0 +1,62 @@
+"""Expert parallelism equals the single-device layer, on 1, 2 and 4 gloo ranks."""
+import pytest
+import torch
+
+from conftest import REPO
+from launcher import run_script
+from lessons_lib import MoEConfig, MoELayer
+
+WORKER = REPO / "tests" / "ep_worker.py"
+TOLERANCE = 1e-5  # max relative error, fp32 on CPU
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_ep_layers_equal_the_single_device_layer(nproc):
+    rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "equality"}, stream=False,
+                      timeout=600).value
+    cases_per_variant = 8 if nproc > 1 else 7
+    assert len(rows) == 2 * 2 * cases_per_variant
+    assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall"}
+    assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
+    bad = [(r["dispatcher"], r["activation"], r["case"], r["errors"]) for r in rows if r["worst"] > TOLERANCE]
+    assert not bad
+
+
+def test_bad_input_on_one_rank_stops_every_rank():
+    every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "bad_input"}, stream=False,
+                       timeout=300).value
+    for rank, messages in enumerate(every):
+        for key in ("allgather/dtype", "allgather/shape", "alltoall/dtype", "alltoall/shape"):
+            msg = messages[key]
+            if rank == 1:  # the rank whose input was bad names the problem
+                assert ("dtype" in msg) if key.endswith("dtype") else ("hidden_dim=16" in msg), msg
+            else:  # the others learn that rank 1 failed, instead of hanging
+                assert "rank 1 of the expert-parallel group got invalid input" in msg, msg
+        assert "divisible" in messages["divisible"]
+
+
+def test_our_alltoall_autograd_matches_pytorch():
+    diffs = run_script(WORKER, nproc=3, backend="gloo", params={"mode": "alltoall_autograd"}, stream=False,
+                       timeout=300).value
+    assert diffs == {"forward": 0.0, "backward": 0.0}
+
+
+def test_ep_dispatchers_need_an_initialized_process_group():
+    for dispatcher in ("allgather", "alltoall"):
+        with pytest.raises(RuntimeError, match="not initialized"):
+            MoELayer(MoEConfig(), dispatcher)
+
+
+def test_traffic_is_counted_from_real_sizes_on_one_rank(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=8)
+        for name in ("allgather", "alltoall"):
+            layer = MoELayer(cfg, name)
+            y, _ = layer(torch.randn(5, 8))
+            assert layer.dispatcher.traffic.sent == 0  # one rank: nothing leaves it
+            assert y.shape == (5, 8)
+    finally:
+        dist.destroy_process_group()
