@@ -53,10 +53,13 @@ class LoopExperts(ExpertBank):
     """One expert at a time: split the grouped rows by count, run each expert's FFN."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        swiglu = self.cfg.activation == "swiglu"
+        # unbind, not w1[e]: the backward of indexing would build a zero [E, H, F] gradient
+        # per expert; unbind's backward stacks the E per-expert gradients once.
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
+        w3 = self.w3.unbind(0) if self.cfg.activation == "swiglu" else None
         outs = []
         # tolist() is the one host sync: Python needs the sizes to slice.
         for e, rows in enumerate(x.split(counts.tolist())):
-            h3 = rows @ self.w3[e] if swiglu else None
-            outs.append(activate(rows @ self.w1[e], h3, self.cfg.activation) @ self.w2[e])
+            h3 = rows @ w3[e] if w3 is not None else None
+            outs.append(activate(rows @ w1[e], h3, self.cfg.activation) @ w2[e])
         return torch.cat(outs) if outs else x.new_zeros(0, self.cfg.hidden_dim)

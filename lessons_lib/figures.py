@@ -18,3 +18,12 @@ def show_image(name: str, width: int | None = None):
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `python images/make_diagrams.py`")
     display(Image(filename=str(path), width=width))
+
+
+def show_source(obj) -> None:
+    """Display the source code of a library function or class in the notebook."""
+    import inspect
+
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"`{obj.__module__}.{obj.__qualname__}`\n```python\n{inspect.getsource(obj)}```"))

@@ -1,0 +1,172 @@
+"""Timing a training step of a layer, the way the lessons report it (lesson 02).
+
+A step is forward, backward and an AdamW update. Before each step the ranks meet at a
+barrier, so they start together; a step lasts as long as its slowest rank, because
+the collectives make every rank wait for the last one. We report the median over steps
+after a warm-up (the first steps pay for allocations and lazy initialisation).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory instead of returning it to the OS (Linux only).
+
+    PyTorch's CPU allocator calls malloc directly. Gradients of stacked expert weights are
+    megabytes each and freshly allocated every step; by default glibc hands such blocks back to the
+    OS when they are freed, so every step page-faults them in again (measured here: a third of a
+    CPU training step). PyTorch's CPU performance guide suggests a caching allocator (jemalloc,
+    tcmalloc) for the same reason; these two mallopt settings are the no-install version.
+    Returns whether the settings were applied.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None or "libc" not in libc_name:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        big = 1 << 30
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, big)) and bool(libc.mallopt(M_TRIM_THRESHOLD, big))
+    except (OSError, AttributeError):
+        return False
+
+
+def make_adamw(params, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch supports it: one pass over each parameter instead of several."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group=None, seed: int = 0,
+                     collective: bool | None = None) -> list[float]:
+    """Milliseconds per training step (forward, backward, AdamW) of `layer` on `tokens` random tokens,
+    the slowest rank's time for each of `steps` steps after `warmup` untimed ones.
+
+    collective: whether the ranks must agree on each step's time (default: when torch.distributed
+    is initialized); every rank of `group` then has to call this together.
+    """
+    device = next(layer.parameters()).device
+    dtype = layer.cfg.torch_dtype
+    g = torch.Generator().manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
+    x = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
+    target = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
+    opt = make_adamw(layer.parameters())
+    collective = dist.is_initialized() if collective is None else collective
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        if collective:
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        y, aux = layer(x)
+        loss = torch.nn.functional.mse_loss(y, target) + 0.01 * aux.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    if collective:
+        t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        times = t.tolist()
+    return times
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def _median_ms(fn, steps: int, warmup: int, device, group=None) -> float:
+    """Median over ranks-synchronised repetitions of fn(), the slowest rank's time each."""
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return median(t.tolist())
+
+
+def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) -> dict:
+    """Two limits measured on this machine, in the same run as the layer's step time:
+
+    adamw_ms: one fused AdamW update of this rank's parameters alone (gradients present);
+    dense_ffn_ms: forward + backward of ONE dense FFN of the expert's shape over `rows` rows,
+        i.e. the same FLOPs as this rank's experts, as one big GEMM chain instead of many small ones.
+    No training step of this layer can take less than their sum on this machine.
+    """
+    device = next(layer.parameters()).device
+    dtype = layer.cfg.torch_dtype
+    params = [torch.nn.Parameter(p.detach().clone()) for p in layer.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make_adamw(params)
+    adamw_ms = _median_ms(opt.step, steps, warmup, device, group)
+    H, F = layer.cfg.hidden_dim, layer.cfg.ffn_dim
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
+    w3 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
+    swiglu = layer.cfg.activation == "swiglu"
+
+    def dense():
+        h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
+        (h @ w2).sum().backward()
+
+    return {"adamw_ms": adamw_ms, "dense_ffn_ms": _median_ms(dense, steps, warmup, device, group)}
+
+
+def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"), experts: str = "loop",
+                        steps: int = 30, warmup: int = 10, device=None, group=None) -> dict:
+    """Step time (median ms, slowest rank) and bytes sent per rank of each dispatcher on the same
+    setting, plus the floors of `step_floors`. Every rank of `group` calls it together."""
+    from .layer import MoELayer
+
+    device = device if device is not None else torch.device("cpu")
+    out = {"tokens_per_rank": tokens, "world_size": dist.get_world_size(group), "config": vars(cfg).copy()}
+    for name in dispatchers:
+        layer = MoELayer(cfg, name, experts, group=group).to(device)
+        times = train_step_times(layer, tokens, steps=steps, warmup=warmup, group=group)
+        traffic = torch.tensor([layer.dispatcher.traffic.sent, layer.dispatcher.traffic.useful],
+                               dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(traffic, op=dist.ReduceOp.MAX, group=group)
+        out[name] = {"median_ms": median(times), "p10_ms": sorted(times)[len(times) // 10],
+                     "p90_ms": sorted(times)[(9 * len(times)) // 10],
+                     "sent_bytes_max_rank": traffic[0].item(), "useful_bytes_max_rank": traffic[1].item()}
+    rows = tokens * cfg.top_k  # the rows one rank's experts process on average, balanced
+    out["floors"] = step_floors(layer, rows, steps=steps, warmup=5, group=group)
+    return out
+
+
+# The published notebook this course grew out of (padded all_gather, Python loops over tokens and
+# experts, fp32), forward + backward + AdamW, as measured by the course authors (COURSE.md):
+# 16 experts, top-2, hidden 256, FFN 1024, 2 ranks; key: (machine, tokens per rank).
+PUBLISHED_STEP_MS = {
+    ("cpu-2proc-gloo", 32): 33.5,
+    ("cpu-2proc-gloo", 256): 88.0,
+    ("2xH200-nccl", 32): 14.1,
+    ("2xH200-nccl", 256): 46.0,
+}
