@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="a papermill parameter for every notebook that has it, e.g. -p STEPS 1000")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    ap.add_argument("--no-html", action="store_true", help="skip the HTML rendering (needs no nbconvert)")
     args = ap.parse_args(argv)
     out_dir = Path(args.out).resolve()
     notebooks = course_notebooks(args.only)
@@ -75,11 +76,11 @@ def main(argv=None) -> int:
     for nb in notebooks:
         t0 = time.monotonic()
         print(f"== {nb.name}", flush=True)
-        execute_notebook(nb, out_dir, dict(args.param), timeout=args.timeout)
+        execute_notebook(nb, out_dir, dict(args.param), timeout=args.timeout, html=not args.no_html)
         print(f"   done in {time.monotonic() - t0:.0f} s", flush=True)
-    print(f"\nExecuted notebooks and their HTML are in {out_dir}:")
+    print(f"\nExecuted notebooks{'' if args.no_html else ' and their HTML'} are in {out_dir}:")
     for nb in notebooks:
-        print(f"  {out_dir / nb.name}\n  {out_dir / nb.with_suffix('.html').name}")
+        print(f"  {out_dir / nb.name}" + ("" if args.no_html else f"\n  {out_dir / nb.with_suffix('.html').name}"))
     return 0
 
 

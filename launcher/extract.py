@@ -14,8 +14,6 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
-
 MAGIC = "%%torchrun"
 
 
@@ -38,6 +36,8 @@ def read_tagged_cells(notebook: str | Path, tags: list[str]) -> list[TaggedCell]
     Raises ValueError for a tag no cell carries (listing the tags the notebook has),
     and for a tagged cell that is not plain Python (IPython magics cannot run under torchrun).
     """
+    import nbformat  # here, so that run_script works where nbformat is not installed
+
     nb = nbformat.read(str(notebook), as_version=4)
     wanted = set(tags)
     present = sorted({t for c in nb.cells for t in c.get("metadata", {}).get("tags", [])})

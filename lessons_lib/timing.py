@@ -170,3 +170,83 @@ PUBLISHED_STEP_MS = {
     ("2xH200-nccl", 32): 14.1,
     ("2xH200-nccl", 256): 46.0,
 }
+
+
+def plot_dispatch_runs(record: dict, path) -> None:
+    """Bar chart of a `python -m lessons_lib.timing` record: step time per dispatcher and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = record["runs"]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.2
+    xs = range(len(runs))
+    machine = record.get("published_key")
+    series = [("allgather", "C0"), ("alltoall", "C1")]
+    for i, (name, colour) in enumerate(series):
+        ax.bar([x + (i - 1.5) * width for x in xs], [r[name]["median_ms"] for r in runs], width, label=name, color=colour)
+    ax.bar([x + 0.5 * width for x in xs], [r["floors"]["adamw_ms"] + r["floors"]["dense_ffn_ms"] for r in runs],
+           width, label="floor: AdamW + dense FFN", color="C7")
+    pub = [PUBLISHED_STEP_MS.get((machine, r["tokens_per_rank"])) for r in runs]
+    ax.bar([x + 1.5 * width for x in xs], [p or 0 for p in pub], width, label="published notebook", color="C3")
+    ax.set_xticks(list(xs), [f"{r['tokens_per_rank']} tok/rank\nH={r['config']['hidden_dim']}" for r in runs])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per training step (median)")
+    ax.set_title(f"{record['device']} ×{record['world_size']}, {record['backend']}, torch {record['torch']}, {record['date']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    """Under torchrun: time both dispatchers at the published notebook's settings, write JSON (+ PNG).
+
+    torchrun --standalone --nproc-per-node 2 -m lessons_lib.timing --out images/ep_dispatch_2xh200.json
+    """
+    import argparse
+    import datetime
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from .config import MoEConfig
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--published-key", default="2xH200-nccl")
+    args = ap.parse_args(argv)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        keep_freed_memory()
+        device = torch.device("cpu")
+    runs = []
+    for tokens, hidden in ((32, 256), (256, 256), (1024, 1024)):
+        cfg = MoEConfig(num_experts=16, top_k=2, hidden_dim=hidden, ffn_dim=4 * hidden)
+        runs.append(compare_dispatchers(cfg, tokens, steps=args.steps, device=device))
+        if rank == 0:
+            print(json.dumps(runs[-1]), flush=True)
+    if rank == 0:
+        record = {
+            "device": torch.cuda.get_device_name(device) if backend == "nccl" else "cpu",
+            "world_size": dist.get_world_size(), "backend": backend, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "published_key": args.published_key,
+            "command": "torchrun --standalone --nproc-per-node N -m lessons_lib.timing " + " ".join(sys.argv[1:]),
+            "runs": runs,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        plot_dispatch_runs(record, Path(args.out).with_suffix(".png"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
