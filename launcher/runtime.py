@@ -65,11 +65,12 @@ def setup():
     _watch_parent()
     backend = os.environ.get("LAUNCHER_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device)  # binds the rank to its GPU up front
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend)
+        dist.init_process_group(backend)
     return rank, dist.get_world_size(), device
 
 

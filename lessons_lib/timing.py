@@ -163,12 +163,13 @@ def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"),
 
 # The published notebook this course grew out of (padded all_gather, Python loops over tokens and
 # experts, fp32), forward + backward + AdamW, as measured by the course authors (COURSE.md):
-# 16 experts, top-2, hidden 256, FFN 1024, 2 ranks; key: (machine, tokens per rank).
+# 16 experts, top-2, FFN 4 x hidden, 2 ranks; key: (machine, tokens per rank, hidden).
 PUBLISHED_STEP_MS = {
-    ("cpu-2proc-gloo", 32): 33.5,
-    ("cpu-2proc-gloo", 256): 88.0,
-    ("2xH200-nccl", 32): 14.1,
-    ("2xH200-nccl", 256): 46.0,
+    ("cpu-2proc-gloo", 32, 256): 33.5,
+    ("cpu-2proc-gloo", 256, 256): 88.0,
+    ("2xH200-nccl", 32, 256): 14.1,
+    ("2xH200-nccl", 256, 256): 46.0,
+    ("2xH200-nccl", 1024, 1024): 196.0,
 }
 
 
@@ -189,7 +190,7 @@ def plot_dispatch_runs(record: dict, path) -> None:
         ax.bar([x + (i - 1.5) * width for x in xs], [r[name]["median_ms"] for r in runs], width, label=name, color=colour)
     ax.bar([x + 0.5 * width for x in xs], [r["floors"]["adamw_ms"] + r["floors"]["dense_ffn_ms"] for r in runs],
            width, label="floor: AdamW + dense FFN", color="C7")
-    pub = [PUBLISHED_STEP_MS.get((machine, r["tokens_per_rank"])) for r in runs]
+    pub = [PUBLISHED_STEP_MS.get((machine, r["tokens_per_rank"], r["config"]["hidden_dim"])) for r in runs]
     ax.bar([x + 1.5 * width for x in xs], [p or 0 for p in pub], width, label="published notebook", color="C3")
     ax.set_xticks(list(xs), [f"{r['tokens_per_rank']} tok/rank\nH={r['config']['hidden_dim']}" for r in runs])
     ax.set_yscale("log")
@@ -221,14 +222,15 @@ def main(argv=None) -> None:
     ap.add_argument("--published-key", default="2xH200-nccl")
     args = ap.parse_args(argv)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device)
     else:
         keep_freed_memory()
         device = torch.device("cpu")
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
     runs = []
     for tokens, hidden in ((32, 256), (256, 256), (1024, 1024)):
         cfg = MoEConfig(num_experts=16, top_k=2, hidden_dim=hidden, ffn_dim=4 * hidden)
@@ -240,7 +242,8 @@ def main(argv=None) -> None:
             "device": torch.cuda.get_device_name(device) if backend == "nccl" else "cpu",
             "world_size": dist.get_world_size(), "backend": backend, "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "published_key": args.published_key,
-            "command": "torchrun --standalone --nproc-per-node N -m lessons_lib.timing " + " ".join(sys.argv[1:]),
+            "command": f"torchrun --standalone --nproc-per-node {dist.get_world_size()} -m lessons_lib.timing "
+                       + " ".join(sys.argv[1:]),
             "runs": runs,
         }
         Path(args.out).write_text(json.dumps(record, indent=1))
