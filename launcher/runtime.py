@@ -2,7 +2,8 @@
 
 setup(): prefixes the rank's output with "[rank r]", starts a watchdog that ends the
 rank if torchrun dies, picks the device and joins the process group.
-finish(result): rank 0 writes `result` as JSON for the notebook; all ranks leave the group.
+finish(result): rank 0 writes `result` as JSON for the notebook; all ranks leave the group and
+the process ends there.
 run(main): on an error, records which rank failed so the notebook can say so.
 """
 from __future__ import annotations
@@ -97,6 +98,12 @@ def finish(result) -> None:
             f.write(text)
     dist.barrier()
     dist.destroy_process_group()
+    # Leave now, skipping interpreter and C++ teardown: with torch 2.13 + gloo a background thread
+    # still alive at exit sometimes aborts the process ("terminate called without an active
+    # exception") after all the work is done. Everything the notebook needs is written above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(main) -> None:

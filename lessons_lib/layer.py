@@ -18,6 +18,7 @@ from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_local import LocalDispatcher
 from .experts import LoopExperts
+from .experts_batched import BmmExperts, GroupedExperts
 from .router import Routing, TopKRouter, load_balancing_loss
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
@@ -25,7 +26,11 @@ DISPATCHERS: dict[str, type[nn.Module]] = {
     "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
     "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
 }
-EXPERT_BANKS: dict[str, type[nn.Module]] = {"loop": LoopExperts}
+EXPERT_BANKS: dict[str, type[nn.Module]] = {
+    "loop": LoopExperts,  # lesson 01: one expert after the other
+    "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
+    "grouped": GroupedExperts,  # lesson 04: one grouped GEMM over variable-size groups
+}
 
 
 @dataclass

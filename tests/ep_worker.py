@@ -3,7 +3,8 @@
 Modes (params["mode"]):
   equality: every dispatcher × activation × routing case against the single-device layer;
   bad_input: one rank gets bad input, or E is not divisible by N: every rank must raise, none hang;
-  alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single.
+  alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single;
+  traffic: the bytes each dispatcher counts against what the routing says it must send.
 """
 import torch
 import torch.distributed as dist
@@ -30,6 +31,36 @@ def equality_cases(N):
                 "E=N", even, "random"
             yield dispatcher, cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
             yield dispatcher, cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
+
+
+def traffic_check(rank, N, device):
+    """Measured bytes vs bytes expected from the routing itself (fp32: 4 bytes, int64: 8)."""
+    cfg = MoEConfig(num_experts=4 * N, top_k=2, hidden_dim=16, ffn_dim=32)
+    tokens = [5 + 3 * r for r in range(N)]
+    out = {}
+    for name in ("allgather", "alltoall"):
+        layer = MoELayer(cfg, name).to(device)
+        x = torch.randn(tokens[rank], 16, generator=torch.Generator().manual_seed(rank)).to(device)
+        _, aux = layer(x)
+        dest = aux.routing.expert_ids.flatten() // 4  # 4 experts per rank
+        leaving = int((dest != rank).sum())
+        every = [None] * N
+        dist.all_gather_object(every, aux.routing.expert_ids.flatten().div(4, rounding_mode="floor").tolist())
+        arriving = sum(sum(1 for d in every[s] if d == rank) for s in range(N) if s != rank)
+        row = 16 * 4
+        if name == "allgather":
+            M = 2 * max(tokens)
+            expected = {"dispatch": (N - 1) * M * row, "metadata": (N - 1) * M * 4 * 8, "combine": (N - 1) * M * row,
+                        "sizes": (N - 1) * 2 * 8, "useful": (leaving + arriving) * row}
+        else:
+            expected = {"dispatch": leaving * row, "combine": arriving * row, "counts": (N - 1) * 5 * 8,
+                        "useful": (leaving + arriving) * row}
+        t = layer.dispatcher.traffic
+        measured = {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}
+        out[name] = {"measured": measured, "expected": expected}
+    every = [None] * N
+    dist.all_gather_object(every, out)
+    return every
 
 
 def main():
@@ -86,6 +117,8 @@ def main():
         diffs = torch.tensor([result["forward"], result["backward"]], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
+    elif p["mode"] == "traffic":
+        result = traffic_check(rank, world_size, device)
     runtime.finish(result)
 
 

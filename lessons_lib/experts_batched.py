@@ -1,0 +1,103 @@
+"""Batched expert banks: padded bmm and grouped GEMM (lesson 04).
+
+Lesson 01's `LoopExperts` launches 2 or 3 small GEMMs per expert. With many experts and few
+rows each, every GEMM is small: the GPU runs it far below its peak (one launch each, too little
+work to fill the machine) and the CPU spends its time re-reading weights. Two ways to batch:
+
+- `BmmExperts` pads every expert's group of rows to the largest group, [E, M_max, H], and
+  runs one `torch.bmm` per weight. Simple and fast when routing is balanced; when it is skewed,
+  most of what it multiplies is padding. It reports the FLOPs it spent on padding.
+- `GroupedExperts` runs one grouped GEMM over variable-size groups, given their offsets
+  (`torch._grouped_mm`): no padding. Where no fast kernel exists for the device and dtype
+  (it needs bf16 on a Hopper-class GPU) it falls back to the loop, and says so in `.path`.
+
+All three banks read the same stacked weights w1 [E, H, F], w2 [E, F, H] (and w3 [E, H, F]).
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import MoEConfig
+from .experts import ExpertBank, LoopExperts, activate
+
+
+def flops_per_row(cfg: MoEConfig) -> int:
+    """Forward FLOPs of one row through one expert: 2·H·F per matrix, 2 matrices (3 for swiglu)."""
+    return 2 * cfg.hidden_dim * cfg.ffn_dim * (3 if cfg.activation == "swiglu" else 2)
+
+
+class BmmExperts(ExpertBank):
+    """Pad every expert's rows to the largest group, then one bmm per weight matrix."""
+
+    def __init__(self, cfg: MoEConfig, experts: range):
+        super().__init__(cfg, experts)
+        self.useful_flops = 0  # of the last forward
+        self.padding_flops = 0
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        E, M = self.num_local_experts, x.shape[0]
+        m_max = int(counts.max()) if E else 0  # the one host sync: the padded shape
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # group of each row
+        slot = torch.arange(M, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in it
+        padded = x.new_zeros(E, m_max, x.shape[1]).index_put((expert, slot), x)
+        h3 = torch.bmm(padded, self.w3) if self.cfg.activation == "swiglu" else None
+        y = torch.bmm(activate(torch.bmm(padded, self.w1), h3, self.cfg.activation), self.w2)
+        self.useful_flops = M * flops_per_row(self.cfg)
+        self.padding_flops = (E * m_max - M) * flops_per_row(self.cfg)
+        return y[expert, slot]  # drop the padding rows
+
+
+_PROBED: dict = {}
+
+
+def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig) -> tuple[bool, str]:
+    """Whether `torch._grouped_mm` runs here (forward and backward) fast enough to use, and why not.
+
+    Its fast kernel needs a CUDA GPU of compute capability 9.0+ (Hopper) and bf16; rows must be
+    16-byte aligned, so H and F must be multiples of 8. Found out once per (device, dtype) by
+    running a tiny grouped GEMM forward and backward, so a torch without the kernel falls back
+    instead of failing mid-training.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type != "cuda":
+        return False, f"no fast grouped GEMM kernel on {device.type} (torch's reference one is slower than the loop)"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False, f"{torch.cuda.get_device_name(device)} is older than Hopper (sm_90)"
+    if dtype != torch.bfloat16:
+        return False, f"the grouped GEMM kernel takes bfloat16, the layer is {dtype}"
+    if cfg.hidden_dim % 8 or cfg.ffn_dim % 8:
+        return False, "hidden_dim and ffn_dim must be multiples of 8 (16-byte aligned rows)"
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        try:
+            a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(3, 16, 32, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)  # an empty group too
+            torch._grouped_mm(a, w, offs=offs).square().sum().backward()
+            _PROBED[key] = (True, "torch._grouped_mm")
+        except RuntimeError as e:
+            _PROBED[key] = (False, f"torch._grouped_mm failed here: {str(e).splitlines()[0]}")
+    return _PROBED[key]
+
+
+class GroupedExperts(ExpertBank):
+    """One grouped GEMM per weight matrix over all experts' rows, no padding; `.path` says how it ran."""
+
+    def __init__(self, cfg: MoEConfig, experts: range):
+        super().__init__(cfg, experts)
+        self.path = "not run yet"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ok, why = grouped_mm_support(x.device, x.dtype, self.cfg)
+        if not ok:
+            self.path = f"loop fallback: {why}"
+            return LoopExperts.forward(self, x, counts)
+        self.path = why
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group; no host sync
+
+        def mm(a, w):
+            return torch._grouped_mm(a, w, offs=offs)
+
+        h3 = mm(x, self.w3) if self.cfg.activation == "swiglu" else None
+        return mm(activate(mm(x, self.w1), h3, self.cfg.activation), self.w2)
