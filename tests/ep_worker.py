@@ -16,21 +16,28 @@ from lessons_lib.equivalence import compare_with_single_device
 
 
 def equality_cases(N):
+    """(dispatcher, expert bank, config, case name, tokens per rank, routing)."""
     base = dict(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+    for dispatcher in ("allgather", "alltoall"):
+        for bank in ("bmm", "grouped"):  # lesson 04's banks behind both dispatchers
+            cfg = MoEConfig(**base, activation="swiglu")
+            yield dispatcher, bank, cfg, "random", [8] * N, "random"
+            yield dispatcher, bank, cfg, "one_expert", [8] * N, "one_expert"
+            yield dispatcher, bank, cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
     for dispatcher in ("allgather", "alltoall"):
         for activation in ("gelu", "swiglu"):
             cfg = MoEConfig(**base, activation=activation)
             even = [8] * N
-            yield dispatcher, cfg, "random", even, "random"
-            yield dispatcher, cfg, "one_expert", even, "one_expert"
-            yield dispatcher, cfg, "own_experts", even, "own_experts"
+            yield dispatcher, "loop", cfg, "random", even, "random"
+            yield dispatcher, "loop", cfg, "one_expert", even, "one_expert"
+            yield dispatcher, "loop", cfg, "own_experts", even, "own_experts"
             if N > 1:
-                yield dispatcher, cfg, "receives_nothing", even, "receives_nothing"
-            yield dispatcher, MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", even, "random"
-            yield dispatcher, MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation), \
+                yield dispatcher, "loop", cfg, "receives_nothing", even, "receives_nothing"
+            yield dispatcher, "loop", MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", even, "random"
+            yield dispatcher, "loop", MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation), \
                 "E=N", even, "random"
-            yield dispatcher, cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
-            yield dispatcher, cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
+            yield dispatcher, "loop", cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
+            yield dispatcher, "loop", cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
 
 
 def traffic_check(rank, N, device):
@@ -69,10 +76,10 @@ def main():
     result = {}
     if p["mode"] == "equality":
         rows = []
-        for dispatcher, cfg, name, tokens, routing in equality_cases(world_size):
-            errors = compare_with_single_device(cfg, dispatcher, tokens_per_rank=tokens, routing=routing,
+        for dispatcher, bank, cfg, name, tokens, routing in equality_cases(world_size):
+            errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device)
-            rows.append({"dispatcher": dispatcher, "activation": cfg.activation, "case": name,
+            rows.append({"dispatcher": dispatcher, "experts": bank, "activation": cfg.activation, "case": name,
                          "worst": max(errors.values()), "errors": errors})
         result = rows
     elif p["mode"] == "bad_input":

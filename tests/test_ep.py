@@ -15,10 +15,12 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "equality"}, stream=False,
                       timeout=600).value
     cases_per_variant = 8 if nproc > 1 else 7
-    assert len(rows) == 2 * 2 * cases_per_variant
+    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall"}
+    assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
-    bad = [(r["dispatcher"], r["activation"], r["case"], r["errors"]) for r in rows if r["worst"] > TOLERANCE]
+    bad = [(r["dispatcher"], r["experts"], r["activation"], r["case"], r["errors"]) for r in rows
+           if r["worst"] > TOLERANCE]
     assert not bad
 
 

@@ -1,0 +1,168 @@
+"""Benchmark of the three expert banks against a dense GEMM of the same FLOPs (lesson 04).
+
+    python -m lessons_lib.bench_experts --out images/experts_h100.json      # GPU, bf16, realistic shape
+    python -m lessons_lib.bench_experts --small                              # CPU-sized, fp32
+
+For balanced routing and for skewed routing (half of the rows to 2 experts), it times the
+forward (and forward + backward) of "loop", "bmm" and "grouped" on rows already grouped by
+expert, and in the same run a dense FFN of one expert's shape over all the rows: the same
+useful FLOPs as one GEMM chain, the rate the banks should approach. Times are medians of
+repeated runs after a warm-up (CUDA events on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import MoEConfig
+from .experts import activate
+from .experts_batched import BmmExperts, GroupedExperts, flops_per_row
+from .layer import EXPERT_BANKS
+
+BANKS = ("loop", "bmm", "grouped")
+
+
+def routed_counts(num_experts: int, rows: int, skew: float = 0.0, hot: int = 2) -> torch.Tensor:
+    """Rows per expert: a fraction `skew` of all rows goes to the first `hot` experts, the rest is
+    spread evenly over the others (skew=0: perfectly balanced)."""
+    if skew == 0.0:
+        hot = 0
+    hot_rows = round(rows * skew)
+    counts = torch.zeros(num_experts, dtype=torch.long)
+    if hot:
+        counts[:hot] = hot_rows // hot
+        counts[0] += hot_rows - counts[:hot].sum()
+    rest, cold = rows - int(counts.sum()), num_experts - hot
+    counts[hot:] = rest // cold
+    counts[hot: hot + rest % cold] += 1
+    return counts
+
+
+def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats: int = 20, warmup: int = 5,
+          backward: bool = True) -> dict:
+    """One setting: every bank's forward (and fwd+bwd) time and TFLOP/s, and the dense reference."""
+    E, H, F = cfg.num_experts, cfg.hidden_dim, cfg.ffn_dim
+    dtype = cfg.torch_dtype
+    counts = routed_counts(E, rows, skew).to(device)
+    useful = rows * flops_per_row(cfg)
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    grad = torch.randn(rows, H, device=device, dtype=dtype)
+    out = {"skew": skew, "rows": rows, "max_rows_per_expert": int(counts.max()), "useful_gflop": useful / 1e9}
+    for name in BANKS:
+        bank = EXPERT_BANKS[name](cfg, range(E)).to(device)
+        with torch.no_grad():
+            fwd = _time_ms(lambda: bank(x, counts), repeats, warmup, device)
+        entry = {"forward_ms": fwd, "forward_tflops": useful / fwd / 1e9}
+        if backward:
+            xg = x.detach().requires_grad_()
+
+            def fwd_bwd():
+                bank(xg, counts).backward(grad)
+
+            both = _time_ms(fwd_bwd, repeats, warmup, device)
+            entry |= {"fwd_bwd_ms": both, "fwd_bwd_tflops": 3 * useful / both / 1e9}
+        if isinstance(bank, BmmExperts):
+            entry["padding_gflop"] = bank.padding_flops / 1e9
+        if isinstance(bank, GroupedExperts):
+            entry["path"] = bank.path
+        out[name] = entry
+        del bank
+    # The dense reference: one expert's FFN over all rows, the same useful FLOPs as one GEMM chain.
+    w1, w2, w3 = (torch.randn(H, F, device=device, dtype=dtype) / H**0.5,
+                  torch.randn(F, H, device=device, dtype=dtype) / F**0.5,
+                  torch.randn(H, F, device=device, dtype=dtype) / H**0.5)
+    swiglu = cfg.activation == "swiglu"
+
+    def dense():
+        return activate(x @ w1, x @ w3 if swiglu else None, cfg.activation) @ w2
+
+    with torch.no_grad():
+        d = _time_ms(dense, repeats, warmup, device)
+    out["dense"] = {"forward_ms": d, "forward_tflops": useful / d / 1e9}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write the JSON record here (and a .png beside it)")
+    ap.add_argument("--small", action="store_true", help="CPU-sized shape, fp32")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.small or device.type == "cpu":
+        cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=256, ffn_dim=1024, activation="swiglu")
+        rows = 512
+    else:  # the issue's realistic shape: 32 local experts, hidden 4096, FFN 1408, 8192 tokens x top-8
+        cfg = MoEConfig(num_experts=32, top_k=8, hidden_dim=4096, ffn_dim=1408, activation="swiglu",
+                        dtype="bfloat16")
+        rows = 8192 * 8
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "command": "python -m lessons_lib.bench_experts " + " ".join(argv or []),
+        "config": vars(cfg).copy(), "runs": [],
+    }
+    for skew in (0.0, 0.5):
+        run = bench(cfg, rows, skew, device, repeats=args.repeats)
+        record["runs"].append(run)
+        print(json.dumps(run), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        plot(record, Path(args.out).with_suffix(".png"))
+    return record
+
+
+def plot(record: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(BANKS) + ["dense"]
+    for ax, key, title in ((axes[0], "forward_tflops", "forward"), (axes[1], "fwd_bwd_tflops", "forward + backward")):
+        width = 0.38
+        for i, run in enumerate(record["runs"]):
+            vals = [run[n].get(key, 0.0) for n in names]
+            label = "balanced" if run["skew"] == 0 else f"skewed: {run['skew']:.0%} of rows to 2 experts"
+            ax.bar([j + (i - 0.5) * width for j in range(len(names))], vals, width, label=label)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("useful TFLOP/s")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    c = record["config"]
+    fig.suptitle(f"{record['device']}, {c['dtype']}, {c['num_experts']} experts, H={c['hidden_dim']}, "
+                 f"F={c['ffn_dim']}, {record['runs'][0]['rows']} rows; torch {record['torch']}, {record['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

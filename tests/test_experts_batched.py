@@ -1,0 +1,97 @@
+"""The batched banks equal the loop bank (fp32 CPU, ≤ 1e-5), padding FLOPs are counted exactly."""
+import pytest
+import torch
+
+from lessons_lib import MoEConfig, MoELayer
+from lessons_lib.experts import LoopExperts
+from lessons_lib.experts_batched import BmmExperts, GroupedExperts, flops_per_row, grouped_mm_support
+
+COUNTS = {
+    "balanced": [4, 4, 4, 4],
+    "with empty groups": [0, 7, 0, 3],
+    "all in one group": [0, 0, 11, 0],
+    "no rows at all": [0, 0, 0, 0],
+}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+@pytest.mark.parametrize("bank", [BmmExperts, GroupedExperts])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("case", list(COUNTS))
+def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
+    cfg = MoEConfig(num_experts=4, hidden_dim=8, ffn_dim=16, activation=activation, seed=2)
+    counts = torch.tensor(COUNTS[case])
+    x = torch.randn(int(counts.sum()), 8, generator=torch.Generator().manual_seed(0))
+    g = torch.randn_like(x)
+    results = []
+    for cls in (LoopExperts, bank):
+        b = cls(cfg, range(4))
+        xi = x.clone().requires_grad_()
+        y = b(xi, counts)
+        (y * g).sum().backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in b.named_parameters()}
+        results.append((y, xi.grad if xi.grad is not None else torch.zeros_like(x), grads))
+    (y0, gx0, gw0), (y1, gx1, gw1) = results
+    assert y1.shape == y0.shape
+    assert _rel(y1, y0) <= 1e-5 and _rel(gx1, gx0) <= 1e-5
+    for name in gw0:
+        assert _rel(gw1[name], gw0[name]) <= 1e-5, name
+
+
+def test_bmm_counts_its_padding_flops():
+    cfg = MoEConfig(num_experts=4, hidden_dim=8, ffn_dim=16, activation="swiglu")
+    bank = BmmExperts(cfg, range(4))
+    bank(torch.randn(11, 8), torch.tensor([0, 7, 1, 3]))  # padded to 4 x 7 = 28 rows
+    assert flops_per_row(cfg) == 2 * 8 * 16 * 3
+    assert bank.useful_flops == 11 * flops_per_row(cfg)
+    assert bank.padding_flops == (28 - 11) * flops_per_row(cfg)
+    bank(torch.randn(8, 8), torch.tensor([2, 2, 2, 2]))
+    assert bank.padding_flops == 0
+
+
+def test_grouped_bank_says_which_path_it_took():
+    cfg = MoEConfig(num_experts=2, hidden_dim=8, ffn_dim=8)
+    bank = GroupedExperts(cfg, range(2))
+    assert bank.path == "not run yet"
+    bank(torch.randn(3, 8), torch.tensor([1, 2]))
+    ok, why = grouped_mm_support(torch.device("cpu"), torch.float32, cfg)
+    assert not ok and bank.path == f"loop fallback: {why}"
+
+
+@pytest.mark.parametrize("experts", ["bmm", "grouped"])
+def test_layer_with_each_bank_matches_the_loop_layer(experts):
+    cfg = MoEConfig(num_experts=8, top_k=3, hidden_dim=16, ffn_dim=32, activation="swiglu")
+    x = torch.randn(40, 16)
+    y_loop, _ = MoELayer(cfg, experts="loop")(x)
+    y, _ = MoELayer(cfg, experts=experts)(x)
+    assert _rel(y, y_loop) <= 1e-5
+
+
+BF16_TOLERANCE = 2e-2  # max relative error of a bf16 bank against fp32 math on the same (bf16) weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("bank", ["loop", "bmm", "grouped"])
+def test_bf16_banks_on_gpu_stay_within_the_documented_tolerance(bank):
+    from lessons_lib.layer import EXPERT_BANKS
+
+    cfg16 = MoEConfig(num_experts=8, hidden_dim=512, ffn_dim=256, activation="swiglu", dtype="bfloat16")
+    cfg32 = MoEConfig(num_experts=8, hidden_dim=512, ffn_dim=256, activation="swiglu")
+    counts = torch.tensor([300, 0, 17, 1, 250, 0, 132, 300], device="cuda")
+    x = torch.randn(int(counts.sum()), 512, device="cuda").bfloat16()
+    g = torch.randn_like(x)
+    b16 = EXPERT_BANKS[bank](cfg16, range(8)).cuda()
+    b32 = LoopExperts(cfg32, range(8)).cuda()
+    b32.load_state_dict({k: v.float() for k, v in b16.state_dict().items()})
+    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y16, y32 = b16(x16, counts), b32(x32, counts)
+    (y16 * g).sum().backward()
+    (y32 * g.float()).sum().backward()
+    errors = {"output": _rel(y16.float(), y32), "grad_input": _rel(x16.grad.float(), x32.grad)}
+    for name, p in b16.named_parameters():
+        errors[name] = _rel(p.grad.float(), getattr(b32, name).grad)
+    print(bank, getattr(b16, "path", ""), errors)
+    assert max(errors.values()) <= BF16_TOLERANCE, errors
