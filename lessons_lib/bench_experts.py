@@ -5,8 +5,9 @@
 
 For balanced routing and for skewed routing (half of the rows to 2 experts), it times the
 forward (and forward + backward) of "loop", "bmm" and "grouped" on rows already grouped by
-expert, and in the same run a dense FFN of one expert's shape over all the rows: the same
-useful FLOPs as one GEMM chain, the rate the banks should approach. Times are medians of
+expert, and in the same run two references with the same useful FLOPs: one dense GEMM
+[rows, H] @ [H, F·(2 or 3)], and a dense FFN of one expert's shape over all the rows (the same
+GEMM chain with its activation, as one expert). Those are the rates the banks should approach. Times are medians of
 repeated runs after a warm-up (CUDA events on a GPU).
 """
 from __future__ import annotations
@@ -101,9 +102,13 @@ def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats:
     def dense():
         return activate(x @ w1, x @ w3 if swiglu else None, cfg.activation) @ w2
 
+    # And the plainest reference: ONE GEMM with the same FLOPs, [rows, H] @ [H, F·(2 or 3)].
+    wide = torch.randn(H, useful // (2 * rows * H), device=device, dtype=dtype) / H**0.5
     with torch.no_grad():
         d = _time_ms(dense, repeats, warmup, device)
-    out["dense"] = {"forward_ms": d, "forward_tflops": useful / d / 1e9}
+        g = _time_ms(lambda: x @ wide, repeats, warmup, device)
+    out["dense_ffn"] = {"forward_ms": d, "forward_tflops": useful / d / 1e9}
+    out["dense_gemm"] = {"forward_ms": g, "forward_tflops": useful / g / 1e9}
     return out
 
 
@@ -127,8 +132,9 @@ def main(argv=None) -> dict:
         "command": "python -m lessons_lib.bench_experts " + " ".join(argv or []),
         "config": vars(cfg).copy(), "runs": [],
     }
-    for skew in (0.0, 0.5):
-        run = bench(cfg, rows, skew, device, repeats=args.repeats)
+    # balanced and skewed at full size; then 8x fewer rows, where each expert's GEMMs get small
+    for n, skew in ((rows, 0.0), (rows, 0.5), (rows // 8, 0.0)):
+        run = bench(cfg, n, skew, device, repeats=args.repeats)
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
     if args.out:
@@ -143,21 +149,23 @@ def plot(record: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    names = list(BANKS) + ["dense"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    names = list(BANKS) + ["dense_ffn", "dense_gemm"]
+    runs = record["runs"]
     for ax, key, title in ((axes[0], "forward_tflops", "forward"), (axes[1], "fwd_bwd_tflops", "forward + backward")):
-        width = 0.38
-        for i, run in enumerate(record["runs"]):
+        width = 0.8 / len(runs)
+        for i, run in enumerate(runs):
             vals = [run[n].get(key, 0.0) for n in names]
-            label = "balanced" if run["skew"] == 0 else f"skewed: {run['skew']:.0%} of rows to 2 experts"
-            ax.bar([j + (i - 0.5) * width for j in range(len(names))], vals, width, label=label)
+            label = (f"{run['rows']} rows, " + ("balanced" if run["skew"] == 0
+                                                else f"{run['skew']:.0%} of rows to 2 experts"))
+            ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))], vals, width, label=label)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("useful TFLOP/s")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     c = record["config"]
     fig.suptitle(f"{record['device']}, {c['dtype']}, {c['num_experts']} experts, H={c['hidden_dim']}, "
-                 f"F={c['ffn_dim']}, {record['runs'][0]['rows']} rows; torch {record['torch']}, {record['date']}",
+                 f"F={c['ffn_dim']}, {c['activation']}; torch {record['torch']}, {record['date']}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -71,14 +71,19 @@ def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig)
     key = (str(device), dtype)
     if key not in _PROBED:
         try:
-            a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(3, 16, 32, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)  # an empty group too
-            torch._grouped_mm(a, w, offs=offs).square().sum().backward()
+            with torch.enable_grad():  # the caller may be under no_grad; the probe needs backward
+                _probe_grouped_mm(device, dtype)
             _PROBED[key] = (True, "torch._grouped_mm")
         except RuntimeError as e:
             _PROBED[key] = (False, f"torch._grouped_mm failed here: {str(e).splitlines()[0]}")
     return _PROBED[key]
+
+
+def _probe_grouped_mm(device, dtype) -> None:
+    a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 16, 32, device=device, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)  # an empty group too
+    torch._grouped_mm(a, w, offs=offs).square().sum().backward()
 
 
 class GroupedExperts(ExpertBank):
