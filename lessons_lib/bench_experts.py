@@ -150,9 +150,9 @@ def plot(record: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    names = list(BANKS) + ["dense_ffn", "dense_gemm"]
     runs = record["runs"]
     for ax, key, title in ((axes[0], "forward_tflops", "forward"), (axes[1], "fwd_bwd_tflops", "forward + backward")):
+        names = list(BANKS) + (["dense_ffn", "dense_gemm"] if key == "forward_tflops" else [])
         width = 0.8 / len(runs)
         for i, run in enumerate(runs):
             vals = [run[n].get(key, 0.0) for n in names]
