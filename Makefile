@@ -2,13 +2,18 @@
 #   make course   install, then execute every lesson with papermill into build/course (+ HTML)
 #   make test     install, then run the test suite (what CI runs)
 PYTHON ?= python3
+# Where torch comes from when none is installed. The course's own machines serve the CPU build
+# of torch==2.13.0 from their package index; elsewhere on Linux, PyPI's torch is a CUDA build of
+# several GB, so pass TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
+TORCH_INDEX ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install course test lab diagrams
 
 install:
-	@# keep an installed torch (a CUDA build on a GPU box); otherwise the CPU build, never a CUDA download
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
+	@# keep an installed torch (e.g. a CUDA build on a GPU box); otherwise install torch==2.13.0
+	@$(PYTHON) -c "import torch" 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 
 course: install

@@ -22,6 +22,7 @@ class TaggedCell:
     number: int  # position among all cells of the notebook, counting from 1
     tags: list[str]
     source: str  # without the %%torchrun line
+    first_line: int = 1  # the line of the cell that `source` starts at (2 after a %%torchrun line)
 
 
 def cell_body(source: str) -> str:
@@ -50,14 +51,18 @@ def read_tagged_cells(notebook: str | Path, tags: list[str]) -> list[TaggedCell]
         if c.cell_type != "code" or not wanted & set(cell_tags):
             continue
         body = cell_body(c.source)
-        try:
-            compile(body, f"<cell {i + 1}>", "exec")
+        first_line = 1 if body == c.source else 2
+        try:  # as the body of a function, which is where it will run
+            compile("def main():\n" + (indent(body) if body.strip() else "    pass"), f"<cell {i + 1}>", "exec")
         except SyntaxError as e:
+            line = (e.lineno or 2) - 2 + first_line
             raise ValueError(
-                f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) is not plain Python, so torchrun "
-                f"cannot run it: line {e.lineno}: {e.msg} ({(e.text or '').strip()!r})"
+                f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) cannot run under torchrun: "
+                f"line {line}: {e.msg} ({(e.text or '').strip()!r}); IPython magics and `import *` are not allowed"
             ) from None
-        cells.append(TaggedCell(i + 1, cell_tags, body))
+        except (tokenize.TokenError, IndentationError) as e:
+            raise ValueError(f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) is not plain Python: {e}") from None
+        cells.append(TaggedCell(i + 1, cell_tags, body, first_line))
     return cells
 
 
@@ -118,7 +123,7 @@ def build_script(notebook: str | Path, tags: list[str], cells: list[TaggedCell],
     for name, value in check_params(params).items():
         out.append(f"    {name} = {value!r}")
     for cell in cells:
-        out += ["", f"    # ---- notebook cell {cell.number}, tags {cell.tags} ----"]
+        out += ["", f"    # ---- notebook cell {cell.number}, tags {cell.tags}, from line {cell.first_line} ----"]
         body = indent(cell.source)
         out.append(body if body.strip() else "    pass")
     out += ["", "    runtime.finish(result)", "", "", 'if __name__ == "__main__":', "    runtime.run(main)", ""]

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 _RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ?")
 # torchrun's flags that set up its own rendezvous; with any of them we drop --standalone.
-_RDZV_FLAGS = ("--rdzv-endpoint", "--rdzv_endpoint", "--master-addr", "--master_addr", "--nnodes")
+_RDZV_FLAGS = ("--rdzv-endpoint", "--rdzv_endpoint", "--master-addr", "--master_addr")
 
 
 class LaunchError(RuntimeError):
@@ -64,15 +64,20 @@ def pick_backend(nproc: int | None = None, backend: str | None = None) -> tuple[
 def find_notebook(notebook: str | os.PathLike | None = None) -> Path:
     """The notebook file whose cells to run.
 
-    Given a path, it is taken relative to the current directory or, failing that, to the
-    course's notebooks/ folder, so `notebook="01_single_device_moe.ipynb"` works from any
-    working directory (papermill, a test, a shell). Without one, the path is asked of the
+    A bare file name is looked up in the course's notebooks/ folder first, then in the current
+    directory, so `notebook="01_single_device_moe.ipynb"` works from any working directory
+    (papermill, a test, a shell); a path with folders is taken relative to the current directory. Without one, the path is asked of the
     editor (VS Code's __vsc_ipynb_file__, Jupyter's JPY_SESSION_NAME).
     """
     tried = []
     if notebook is not None:
         p = Path(notebook).expanduser()
-        candidates = [p, NOTEBOOKS / p] if not p.is_absolute() else [p]
+        if p.is_absolute():
+            candidates = [p]
+        elif p.parent == Path("."):  # a bare name: the course's own notebook first (papermill's working
+            candidates = [NOTEBOOKS / p, p]  # directory holds the executed copy under the same name)
+        else:
+            candidates = [p, NOTEBOOKS / p]
     else:
         candidates = []
         try:
@@ -114,14 +119,31 @@ def _warn_if_unsaved(cells) -> None:
         )
 
 
-def _descendants(pid: int) -> list[int]:
+def _parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process: from /proc on Linux, else from `ps`."""
+    parents = {}
+    if os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass  # the process ended while we looked
+        return parents
     try:
         out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True).stdout
     except OSError:
-        return []
-    children: dict[int, list[int]] = {}
+        return parents
     for line in out.splitlines():
         p, pp = map(int, line.split())
+        parents[p] = pp
+    return parents
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for p, pp in _parent_pids().items():
         children.setdefault(pp, []).append(p)
     found, todo = [], [pid]
     while todo:
@@ -268,16 +290,16 @@ def _run(command, env, timeout, stream):
 
 def _point_at_cells(message: str, script: str) -> str:
     """Add the notebook cell and line to each traceback line that points into the script."""
-    starts = [(i + 1, int(m.group(1))) for i, line in enumerate(script.splitlines())
-              if (m := re.match(r"\s*# ---- notebook cell (\d+),", line))]
+    starts = [(i + 1, int(m.group(1)), int(m.group(2))) for i, line in enumerate(script.splitlines())
+              if (m := re.match(r"\s*# ---- notebook cell (\d+), .*from line (\d+) ----", line))]
 
     def where(m):
         line = int(m.group(1))
-        cell = [(start, number) for start, number in starts if start < line]
+        cell = [s for s in starts if s[0] < line]
         if not cell:
             return m.group(0)
-        start, number = cell[-1]
-        return f"{m.group(0)} (notebook cell {number}, line {line - start})"
+        start, number, first_line = cell[-1]
+        return f"{m.group(0)} (notebook cell {number}, line {line - start - 1 + first_line})"
 
     return re.sub(r'script\.py", line (\d+)', where, message)
 

@@ -109,13 +109,22 @@ def finish(result) -> None:
 def run(main) -> None:
     try:
         main()
+    except SystemExit as e:
+        if e.code in (0, None):  # a cell that ends the program on purpose is not a failure
+            raise
+        _record_failure()
     except BaseException:
-        traceback.print_exc()
-        run_dir = os.environ.get("LAUNCHER_RUN_DIR")
-        if run_dir:
-            with open(os.path.join(run_dir, f"failed-rank{os.environ.get('RANK', '?')}"), "w") as f:
-                f.write(traceback.format_exc())
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip interpreter teardown: a process group whose peers are gone can hang in it.
-        os._exit(1)
+        _record_failure()
+
+
+def _record_failure() -> None:
+    """Print the traceback, leave a marker naming this rank for the launcher, and end the process."""
+    traceback.print_exc()
+    run_dir = os.environ.get("LAUNCHER_RUN_DIR")
+    if run_dir:
+        with open(os.path.join(run_dir, f"failed-rank{os.environ.get('RANK', '?')}"), "w") as f:
+            f.write(traceback.format_exc())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a process group whose peers are gone can hang in it.
+    os._exit(1)

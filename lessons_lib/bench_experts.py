@@ -1,6 +1,6 @@
 """Benchmark of the three expert banks against a dense GEMM of the same FLOPs (lesson 04).
 
-    python -m lessons_lib.bench_experts --out images/experts_h100.json      # GPU, bf16, realistic shape
+    python -m lessons_lib.bench_experts --out images/experts_gpu.json       # GPU, bf16, realistic shape
     python -m lessons_lib.bench_experts --small                              # CPU-sized, fp32
 
 For balanced routing and for skewed routing (half of the rows to 2 experts), it times the
@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,9 @@ BANKS = ("loop", "bmm", "grouped")
 def routed_counts(num_experts: int, rows: int, skew: float = 0.0, hot: int = 2) -> torch.Tensor:
     """Rows per expert: a fraction `skew` of all rows goes to the first `hot` experts, the rest is
     spread evenly over the others (skew=0: perfectly balanced)."""
-    if skew == 0.0:
+    if not 0.0 <= skew <= 1.0:
+        raise ValueError(f"skew must be in [0, 1], got {skew}")
+    if skew == 0.0 or num_experts <= hot:  # no skew, or too few experts to single some out
         hot = 0
     hot_rows = round(rows * skew)
     counts = torch.zeros(num_experts, dtype=torch.long)
@@ -129,7 +132,7 @@ def main(argv=None) -> dict:
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "command": "python -m lessons_lib.bench_experts " + " ".join(argv or []),
+        "command": "python -m lessons_lib.bench_experts " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": vars(cfg).copy(), "runs": [],
     }
     # balanced and skewed at full size; then 8x fewer rows, where each expert's GEMMs get small

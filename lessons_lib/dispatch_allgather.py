@@ -48,7 +48,9 @@ class PhaseBytes:
 class Traffic:
     """What a dispatcher moved in its last forward pass, counted from the sizes it really used.
 
-    Backward moves the same amounts again, through the mirror-image collectives."""
+    Backward sends the row gradients back through the mirror-image collectives: the combine
+    phase's amount again, and the dispatch phase's when the input needs a gradient; the sizes,
+    counts and metadata are not exchanged again."""
 
     phases: dict = field(default_factory=dict)  # name -> PhaseBytes
 

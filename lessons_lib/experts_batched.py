@@ -50,30 +50,33 @@ class BmmExperts(ExpertBank):
 _PROBED: dict = {}
 
 
-def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig) -> tuple[bool, str]:
+def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig,
+                       reference_ok: bool = False) -> tuple[bool, str]:
     """Whether `torch._grouped_mm` runs here (forward and backward) fast enough to use, and why not.
 
-    Its fast kernel needs a CUDA GPU of compute capability 9.0+ (Hopper) and bf16; rows must be
-    16-byte aligned, so H and F must be multiples of 8. Found out once per (device, dtype) by
-    running a tiny grouped GEMM forward and backward, so a torch without the kernel falls back
-    instead of failing mid-training.
+    Its fast kernel needs a CUDA GPU of compute capability 9.0+ (Hopper) and bf16. Elsewhere PyTorch
+    has a slow reference kernel, used only with `reference_ok` (tests, and the lesson on a CPU).
+    Rows must be 16-byte aligned. Found out once per (device, dtype) by running a tiny grouped GEMM
+    forward and backward, so a torch without the kernel falls back instead of failing mid-training.
     """
     if not hasattr(torch, "_grouped_mm"):
         return False, f"torch {torch.__version__} has no torch._grouped_mm"
-    if device.type != "cuda":
-        return False, f"no fast grouped GEMM kernel on {device.type} (torch's reference one is slower than the loop)"
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        return False, f"{torch.cuda.get_device_name(device)} is older than Hopper (sm_90)"
-    if dtype != torch.bfloat16:
-        return False, f"the grouped GEMM kernel takes bfloat16, the layer is {dtype}"
-    if cfg.hidden_dim % 8 or cfg.ffn_dim % 8:
-        return False, "hidden_dim and ffn_dim must be multiples of 8 (16-byte aligned rows)"
+    fast = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and dtype == torch.bfloat16
+    if not fast and not reference_ok:
+        if device.type != "cuda":
+            return False, f"no fast grouped GEMM kernel on {device.type} (torch's reference one is slower than the loop)"
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            return False, f"{torch.cuda.get_device_name(device)} is older than Hopper (sm_90)"
+        return False, f"the fast grouped GEMM kernel takes bfloat16, the layer is {dtype}"
+    align = 16 // torch.empty(0, dtype=dtype).element_size()
+    if cfg.hidden_dim % align or cfg.ffn_dim % align:
+        return False, f"hidden_dim and ffn_dim must be multiples of {align} (16-byte aligned rows)"
     key = (str(device), dtype)
     if key not in _PROBED:
         try:
             with torch.enable_grad():  # the caller may be under no_grad; the probe needs backward
                 _probe_grouped_mm(device, dtype)
-            _PROBED[key] = (True, "torch._grouped_mm")
+            _PROBED[key] = (True, "torch._grouped_mm" + ("" if fast else " (reference kernel)"))
         except RuntimeError as e:
             _PROBED[key] = (False, f"torch._grouped_mm failed here: {str(e).splitlines()[0]}")
     return _PROBED[key]
@@ -89,12 +92,16 @@ def _probe_grouped_mm(device, dtype) -> None:
 class GroupedExperts(ExpertBank):
     """One grouped GEMM per weight matrix over all experts' rows, no padding; `.path` says how it ran."""
 
+    # Use torch._grouped_mm even where only its slow reference kernel exists (a CPU, fp32):
+    # the tests set it so the grouped path itself is checked on machines without a Hopper GPU.
+    use_reference_kernel = False
+
     def __init__(self, cfg: MoEConfig, experts: range):
         super().__init__(cfg, experts)
         self.path = "not run yet"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ok, why = grouped_mm_support(x.device, x.dtype, self.cfg)
+        ok, why = grouped_mm_support(x.device, x.dtype, self.cfg, reference_ok=self.use_reference_kernel)
         if not ok:
             self.path = f"loop fallback: {why}"
             return LoopExperts.forward(self, x, counts)

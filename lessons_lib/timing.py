@@ -162,7 +162,7 @@ def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"),
 
 
 # The published notebook this course grew out of (padded all_gather, Python loops over tokens and
-# experts, fp32), forward + backward + AdamW, as measured by the course authors (COURSE.md):
+# experts, fp32), forward + backward + AdamW, as measured by the course authors (the course's design brief):
 # 16 experts, top-2, FFN 4 x hidden, 2 ranks; key: (machine, tokens per rank, hidden).
 PUBLISHED_STEP_MS = {
     ("cpu-2proc-gloo", 32, 256): 33.5,

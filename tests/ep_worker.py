@@ -12,6 +12,7 @@ import torch.distributed as dist
 from launcher import runtime
 from lessons_lib import MoEConfig, MoELayer
 from lessons_lib.dispatch_alltoall import AllToAll
+from lessons_lib.experts_batched import GroupedExperts
 from lessons_lib.equivalence import compare_with_single_device
 
 
@@ -75,6 +76,7 @@ def main():
     p = runtime.params()
     result = {}
     if p["mode"] == "equality":
+        GroupedExperts.use_reference_kernel = True  # check torch._grouped_mm itself, even on a CPU
         rows = []
         for dispatcher, bank, cfg, name, tokens, routing in equality_cases(world_size):
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,

@@ -29,6 +29,7 @@ def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
     results = []
     for cls in (LoopExperts, bank):
         b = cls(cfg, range(4))
+        b.use_reference_kernel = True  # the grouped bank runs torch._grouped_mm itself, not its fallback
         xi = x.clone().requires_grad_()
         y = b(xi, counts)
         (y * g).sum().backward()
@@ -36,6 +37,8 @@ def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
         results.append((y, xi.grad if xi.grad is not None else torch.zeros_like(x), grads))
     (y0, gx0, gw0), (y1, gx1, gw1) = results
     assert y1.shape == y0.shape
+    if bank is GroupedExperts:
+        assert b.path == "torch._grouped_mm (reference kernel)"
     assert _rel(y1, y0) <= 1e-5 and _rel(gx1, gx0) <= 1e-5
     for name in gw0:
         assert _rel(gw1[name], gw0[name]) <= 1e-5, name
@@ -52,7 +55,7 @@ def test_bmm_counts_its_padding_flops():
     assert bank.padding_flops == 0
 
 
-def test_grouped_bank_says_which_path_it_took():
+def test_grouped_bank_says_which_path_it_took():  # by default a CPU takes the loop fallback
     cfg = MoEConfig(num_experts=2, hidden_dim=8, ffn_dim=8)
     bank = GroupedExperts(cfg, range(2))
     assert bank.path == "not run yet"
@@ -62,12 +65,15 @@ def test_grouped_bank_says_which_path_it_took():
 
 
 @pytest.mark.parametrize("experts", ["bmm", "grouped"])
-def test_layer_with_each_bank_matches_the_loop_layer(experts):
+def test_layer_with_each_bank_matches_the_loop_layer(experts, monkeypatch):
+    monkeypatch.setattr(GroupedExperts, "use_reference_kernel", True)
     cfg = MoEConfig(num_experts=8, top_k=3, hidden_dim=16, ffn_dim=32, activation="swiglu")
     x = torch.randn(40, 16)
     y_loop, _ = MoELayer(cfg, experts="loop")(x)
-    y, _ = MoELayer(cfg, experts=experts)(x)
+    layer = MoELayer(cfg, experts=experts)
+    y, _ = layer(x)
     assert _rel(y, y_loop) <= 1e-5
+    assert getattr(layer.experts, "path", "torch._grouped_mm (reference kernel)") == "torch._grouped_mm (reference kernel)"
 
 
 BF16_TOLERANCE = 2e-2  # max relative error of a bf16 bank against fp32 math on the same (bf16) weights
