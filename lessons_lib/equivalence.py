@@ -68,7 +68,8 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
     layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
 
-    Every rank of `group` must call it with the same arguments (it runs collectives).
+    Every rank of `group` must call it with the same arguments (it runs collectives). Under
+    tensor parallelism ("tp") every rank runs the whole global batch instead of a slice.
     """
     rank, N = rank_and_size(group)
     tokens_per_rank = list(tokens_per_rank) if tokens_per_rank is not None else [8] * N
@@ -86,22 +87,70 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
 
     layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
     layer.load_full_state_dict(sd)
-    lo = sum(tokens_per_rank[:rank])
-    hi = lo + tokens_per_rank[rank]
+    replicated = getattr(layer.dispatcher, "replicated_tokens", False)
+    lo = 0 if replicated else sum(tokens_per_rank[:rank])  # TP: every rank runs the whole batch
+    hi = len(X) if replicated else lo + tokens_per_rank[rank]
     x = X[lo:hi].clone().requires_grad_()
     y, _ = layer(x)
     (y.float() * G[lo:hi].float()).sum().backward()
 
     router_grad = layer.router.weight.grad.clone()
-    dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
+    if not replicated:
+        dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
     e = layer.experts.experts
     errors = {
         "output": _rel(y, y_ref[lo:hi]),
         "grad_input": _rel(x.grad, x_ref.grad[lo:hi]),
         "grad_router.weight": _rel(router_grad, reference.router.weight.grad),
     }
-    for name, p in layer.experts.named_parameters():
-        errors[f"grad_experts.{name}"] = _rel(p.grad, getattr(reference.experts, name).grad[e.start:e.stop])
+    for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
+        ref = layer.experts.shard(name, getattr(reference.experts, name).grad[e.start:e.stop])
+        errors[f"grad_experts.{name}"] = _rel(p.grad, ref)
     worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(errors, worst.tolist()))
+
+
+def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, lr: float = 0.5,
+                       dispatcher: str = "alltoall", experts: str = "loop", seed: int = 0, device=None) -> dict:
+    """One SGD step of EP × DP on all ranks against one step of the single-device layer on the
+    whole global batch: the worst relative error of the updated weights, over all ranks.
+
+    Loss: Σ y·G / (number of global tokens), so summed gradients equal the full-batch gradient.
+    SGD keeps the check exact; an element-wise optimizer (AdamW) given equal gradients makes equal
+    updates too, but would amplify rounding noise in gradients that are ~0.
+    """
+    from .process_groups import build_ep_dp_groups, sync_gradients
+
+    device = device if device is not None else torch.device("cpu")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = build_ep_dp_groups(ep_size)
+    sd, X, G = adversarial_inputs(cfg, [tokens_per_rank] * world, "random", ep_size, seed)
+    sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+    total = len(X)
+
+    reference = MoELayer(cfg, "local", "loop").to(device)
+    reference.load_full_state_dict(sd)
+    y_ref, _ = reference(X)
+    ((y_ref.float() * G.float()).sum() / total).backward()
+    torch.optim.SGD(reference.parameters(), lr=lr).step()
+
+    layer = MoELayer(cfg, dispatcher, experts, group=groups.ep_group).to(device)
+    layer.load_full_state_dict(sd)
+    lo, hi = rank * tokens_per_rank, (rank + 1) * tokens_per_rank
+    y, _ = layer(X[lo:hi])
+    ((y.float() * G[lo:hi].float()).sum() / total).backward()
+    sync_gradients(layer, groups)
+    torch.optim.SGD(layer.parameters(), lr=lr).step()
+
+    e = layer.experts.experts
+    errors = {"router.weight": _rel(layer.router.weight.detach(), reference.router.weight.detach())}
+    for name, p in layer.experts.named_parameters():
+        errors[f"experts.{name}"] = _rel(p.detach(), getattr(reference.experts, name).detach()[e.start:e.stop])
+    # the step must have changed the weights, or equality would prove nothing
+    moved = (reference.experts.w1.detach() - sd["experts.w1"]).abs().max().item()
+    worst = torch.tensor(list(errors.values()) + [-moved], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    out = dict(zip(errors, worst[:-1].tolist()))
+    out["weights_moved"] = -worst[-1].item()
+    return out

@@ -24,22 +24,31 @@ def activate(h1: torch.Tensor, h3: torch.Tensor | None, activation: str) -> torc
 class ExpertBank(nn.Module):
     """The weights of the experts this rank owns, stacked: w1 [e, H, F], w2 [e, F, H],
     and w3 [e, H, F] for swiglu. No biases. `experts` is the range of global expert
-    ids held here (all of them on a single device).
+    ids held here (all of them on a single device). `ffn_slice` keeps only part of each
+    expert's inner dimension F: the columns of w1/w3 and rows of w2 of a tensor-parallel
+    rank (lesson 07); None keeps all of F.
 
     forward(x, counts): x [M, H] holds the rows sent to these experts, grouped by
     expert in order (counts[i] rows for local expert i); returns [M, H] in the same order.
     """
 
-    def __init__(self, cfg: MoEConfig, experts: range):
+    def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
         super().__init__()
         self.cfg = cfg
         self.experts = experts
+        self.ffn_slice = ffn_slice if ffn_slice is not None else slice(0, cfg.ffn_dim)
         for name, w in init_expert_weights(cfg, experts).items():
-            self.register_parameter(name, nn.Parameter(w))
+            self.register_parameter(name, nn.Parameter(self.shard(name, w)))
+
+    def shard(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+        """This bank's part of `weights`, the full stacked weight `name` of its experts."""
+        s = self.ffn_slice
+        return (weights[:, s, :] if name == "w2" else weights[:, :, s]).contiguous()
 
     def extra_repr(self) -> str:
-        e, c = self.experts, self.cfg
-        return f"experts {e.start}..{e.stop - 1} ({len(e)} here), {c.activation}, H={c.hidden_dim}, F={c.ffn_dim}"
+        e, c, s = self.experts, self.cfg, self.ffn_slice
+        f = f"F={c.ffn_dim}" if s == slice(0, c.ffn_dim) else f"F columns {s.start}..{s.stop - 1} of {c.ffn_dim}"
+        return f"experts {e.start}..{e.stop - 1} ({len(e)} here), {c.activation}, H={c.hidden_dim}, {f}"
 
     @property
     def num_local_experts(self) -> int:

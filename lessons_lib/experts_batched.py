@@ -21,16 +21,18 @@ from .config import MoEConfig
 from .experts import ExpertBank, LoopExperts, activate
 
 
-def flops_per_row(cfg: MoEConfig) -> int:
-    """Forward FLOPs of one row through one expert: 2·H·F per matrix, 2 matrices (3 for swiglu)."""
-    return 2 * cfg.hidden_dim * cfg.ffn_dim * (3 if cfg.activation == "swiglu" else 2)
+def flops_per_row(cfg: MoEConfig, ffn_dim: int | None = None) -> int:
+    """Forward FLOPs of one row through one expert: 2·H·F per matrix, 2 matrices (3 for swiglu).
+    `ffn_dim`: the part of F a tensor-parallel rank holds (default: all of it)."""
+    F = cfg.ffn_dim if ffn_dim is None else ffn_dim
+    return 2 * cfg.hidden_dim * F * (3 if cfg.activation == "swiglu" else 2)
 
 
 class BmmExperts(ExpertBank):
     """Pad every expert's rows to the largest group, then one bmm per weight matrix."""
 
-    def __init__(self, cfg: MoEConfig, experts: range):
-        super().__init__(cfg, experts)
+    def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
+        super().__init__(cfg, experts, ffn_slice)
         self.useful_flops = 0  # of the last forward
         self.padding_flops = 0
 
@@ -42,8 +44,9 @@ class BmmExperts(ExpertBank):
         padded = x.new_zeros(E, m_max, x.shape[1]).index_put((expert, slot), x)
         h3 = torch.bmm(padded, self.w3) if self.cfg.activation == "swiglu" else None
         y = torch.bmm(activate(torch.bmm(padded, self.w1), h3, self.cfg.activation), self.w2)
-        self.useful_flops = M * flops_per_row(self.cfg)
-        self.padding_flops = (E * m_max - M) * flops_per_row(self.cfg)
+        per_row = flops_per_row(self.cfg, self.w1.shape[-1])
+        self.useful_flops = M * per_row
+        self.padding_flops = (E * m_max - M) * per_row
         return y[expert, slot]  # drop the padding rows
 
 
@@ -69,7 +72,7 @@ def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig,
             return False, f"{torch.cuda.get_device_name(device)} is older than Hopper (sm_90)"
         return False, f"the fast grouped GEMM kernel takes bfloat16, the layer is {dtype}"
     align = 16 // torch.empty(0, dtype=dtype).element_size()
-    if cfg.hidden_dim % align or cfg.ffn_dim % align:
+    if cfg.hidden_dim % align or cfg.ffn_dim % align:  # (a tensor-parallel slice of F must be aligned too)
         return False, f"hidden_dim and ffn_dim must be multiples of {align} (16-byte aligned rows)"
     key = (str(device), dtype)
     if key not in _PROBED:
@@ -96,8 +99,8 @@ class GroupedExperts(ExpertBank):
     # the tests set it so the grouped path itself is checked on machines without a Hopper GPU.
     use_reference_kernel = False
 
-    def __init__(self, cfg: MoEConfig, experts: range):
-        super().__init__(cfg, experts)
+    def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
+        super().__init__(cfg, experts, ffn_slice)
         self.path = "not run yet"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,17 @@ from .config import MoEConfig
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_local import LocalDispatcher
+from .tensor_parallel import TensorParallelDispatcher
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
+from .init import expert_weight_shapes
 from .router import Routing, TopKRouter, load_balancing_loss
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
     "local": LocalDispatcher,  # lesson 01: every expert on this device
     "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
     "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
+    "tp": TensorParallelDispatcher,  # lesson 07: tensor parallel, for comparison
 }
 EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "loop": LoopExperts,  # lesson 01: one expert after the other
@@ -67,8 +70,10 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
         self.router = TopKRouter(cfg)
-        # The dispatcher knows which experts this rank owns; the bank holds just those.
-        self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts)
+        # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
+        # part of each expert's inner dimension); the bank holds just those weights.
+        self.experts = _pick("experts", experts, EXPERT_BANKS)(
+            cfg, self.dispatcher.experts, getattr(self.dispatcher, "ffn_slice", None))
 
     def forward(self, x: torch.Tensor):
         problem = self._input_problem(x)
@@ -101,7 +106,7 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load the unsharded weights (`lessons_lib.init.init_full_state_dict` names and shapes),
-        keeping only the experts this rank owns."""
+        keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
         expected = {"router.weight": self.router.weight}
         for name, p in self.experts.named_parameters():
             expected[f"experts.{name}"] = p
@@ -109,11 +114,13 @@ class MoELayer(nn.Module):
         if missing or unexpected:
             raise ValueError(f"state dict keys differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         E = self.cfg.num_experts
+        full_shapes = {f"experts.{n}": (E, *shape) for n, shape in expert_weight_shapes(self.cfg).items()}
         for name, p in expected.items():
             full = sd[name]
-            want = (E, *p.shape[1:]) if name.startswith("experts.") else tuple(p.shape)
+            want = full_shapes.get(name, tuple(p.shape))
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
             if name.startswith("experts."):
-                full = full[self.experts.experts.start : self.experts.experts.stop]
+                mine = self.experts.experts
+                full = self.experts.shard(name.removeprefix("experts."), full[mine.start : mine.stop])
             p.copy_(full)

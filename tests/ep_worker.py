@@ -19,6 +19,12 @@ from lessons_lib.equivalence import compare_with_single_device
 def equality_cases(N):
     """(dispatcher, expert bank, config, case name, tokens per rank, routing)."""
     base = dict(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+    for activation in ("gelu", "swiglu"):  # lesson 07's tensor-parallel split of every expert
+        for bank in ("loop", "grouped"):
+            cfg = MoEConfig(**base, activation=activation)
+            yield "tp", bank, cfg, "random", [8] * N, "random"
+            yield "tp", bank, cfg, "one_expert", [8] * N, "one_expert"
+            yield "tp", bank, MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", [5] * N, "random"
     for dispatcher in ("allgather", "alltoall"):
         for bank in ("bmm", "grouped"):  # lesson 04's banks behind both dispatchers
             cfg = MoEConfig(**base, activation="swiglu")
@@ -87,7 +93,7 @@ def main():
     elif p["mode"] == "bad_input":
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
         messages = {}
-        for dispatcher in ("allgather", "alltoall"):
+        for dispatcher in ("allgather", "alltoall", "tp"):
             layer = MoELayer(cfg, dispatcher).to(device)
             for bad, x in (("dtype", torch.zeros(4, 16, dtype=torch.float64)), ("shape", torch.zeros(4, 15))):
                 x = x.to(device) if rank == world_size - 1 else torch.zeros(4, 16, device=device)
@@ -126,6 +132,16 @@ def main():
         diffs = torch.tensor([result["forward"], result["backward"]], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
+    elif p["mode"] == "ep_dp":
+        from lessons_lib.equivalence import compare_ep_dp_step
+
+        cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+        result = {bank: compare_ep_dp_step(cfg, ep_size=2, experts=bank, device=device) for bank in ("loop", "grouped")}
+        try:
+            compare_ep_dp_step(cfg, ep_size=3, device=device)
+            result["bad ep_size"] = "no error"
+        except ValueError as e:
+            result["bad ep_size"] = str(e)
     elif p["mode"] == "traffic":
         result = traffic_check(rank, world_size, device)
     runtime.finish(result)

@@ -15,8 +15,8 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "equality"}, stream=False,
                       timeout=600).value
     cases_per_variant = 8 if nproc > 1 else 7
-    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3
-    assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall"}
+    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * 3
+    assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
     bad = [(r["dispatcher"], r["experts"], r["activation"], r["case"], r["errors"]) for r in rows
@@ -34,6 +34,9 @@ def test_bad_input_on_one_rank_stops_every_rank():
                 assert ("dtype" in msg) if key.endswith("dtype") else ("hidden_dim=16" in msg), msg
             else:  # the others learn that rank 1 failed, instead of hanging
                 assert "rank 1 of the expert-parallel group got invalid input" in msg, msg
+        for key in ("tp/dtype", "tp/shape"):
+            expected = ("MoELayer input" if rank == 1 else "a rank of the tensor-parallel group got invalid input")
+            assert expected in messages[key], messages[key]
         assert "divisible" in messages["divisible"]
 
 
@@ -58,3 +61,13 @@ def test_traffic_is_counted_from_the_real_sizes(nproc):
             assert check["measured"] == check["expected"], (rank, name)
             if nproc == 1:
                 assert sum(v for k, v in check["measured"].items() if k != "useful") == 0
+
+
+def test_one_ep_x_dp_training_step_equals_the_single_device_step():
+    result = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "ep_dp"}, stream=False, timeout=300).value
+    for bank in ("loop", "grouped"):
+        errors = result[bank]
+        assert errors.pop("weights_moved") > 1e-3  # the step really changed the weights
+        assert set(errors) == {"router.weight", "experts.w1", "experts.w2", "experts.w3"}
+        assert max(errors.values()) <= TOLERANCE, (bank, errors)
+    assert "must divide the world size" in result["bad ep_size"]
