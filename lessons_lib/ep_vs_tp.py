@@ -1,0 +1,101 @@
+"""Expert parallelism against tensor parallelism on the same batch, measured (lesson 07).
+
+`measure_ep_vs_tp` runs on every rank of a group: it counts the bytes each variant really sends
+(balanced routing, so the model of `comm_model` applies exactly), times a training step of each,
+and records the shape of each rank's expert GEMMs. Under torchrun on GPUs:
+
+    torchrun --standalone --nproc-per-node 2 -m lessons_lib.ep_vs_tp --out images/ep_vs_tp_2xh200.json
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm_model import ep_bytes_per_rank, tp_bytes_per_rank
+from .config import MoEConfig
+from .distributed import rank_and_size
+from .layer import MoELayer
+from .router import Routing
+from .timing import median, train_step_times
+
+
+def balanced_routing(tokens: int, cfg: MoEConfig, device) -> Routing:
+    """Token t picks experts t·k, t·k+1, … (mod E): with T·k a multiple of E every expert, and so
+    every rank, receives exactly the same number of rows."""
+    k, E = cfg.top_k, cfg.num_experts
+    ids = (torch.arange(tokens * k, device=device) % E).view(tokens, k)
+    probs = torch.full((tokens, E), 1.0 / E, device=device)
+    return Routing(ids, torch.full((tokens, k), 1.0 / k, device=device), probs, probs.log())
+
+
+def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=None, device=None,
+                     steps: int = 20, warmup: int = 5) -> dict:
+    """Counted vs modelled bytes per rank, step time (median ms, slowest rank) and per-rank expert GEMM
+    shapes of EP ("alltoall") and TP ("tp") with `tokens` tokens on every rank."""
+    device = device if device is not None else torch.device("cpu")
+    rank, N = rank_and_size(group)
+    if (tokens * cfg.top_k) % cfg.num_experts:
+        raise ValueError("tokens · top_k must be a multiple of num_experts for exactly balanced routing")
+    b = torch.empty(0, dtype=cfg.torch_dtype).element_size()
+    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(rank)).to(device, cfg.torch_dtype)
+    routing = balanced_routing(tokens, cfg, device)
+    out = {"group_size": N, "tokens_per_rank": tokens, "bytes_per_element": b, "experts": experts,
+           "config": vars(cfg).copy()}
+    for name, dispatcher in (("ep", "alltoall"), ("tp", "tp")):
+        layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
+        with torch.no_grad():  # one forward with the balanced routing, to count bytes
+            rows, counts, state = layer.dispatcher.dispatch(x, routing)
+            layer.dispatcher.combine(layer.experts(rows, counts), state)
+        phases = layer.dispatcher.traffic.phases
+        counted = sum(phases[p].sent for p in (("dispatch", "combine") if name == "ep" else ("all_reduce",)) if p in phases)
+        model = (ep_bytes_per_rank(tokens, cfg.hidden_dim, cfg.top_k, N, b) if name == "ep"
+                 else tp_bytes_per_rank(tokens, cfg.hidden_dim, N, b))
+        w1 = layer.experts.w1
+        out[name] = {
+            "counted_bytes": counted, "model_bytes": model,
+            "other_bytes": sum(p.sent for k, p in phases.items() if k not in ("dispatch", "combine", "all_reduce")),
+            "local_experts": w1.shape[0], "gemm_rows_per_expert": counts.tolist(),
+            "gemm_weight_shape": list(w1.shape[1:]),  # [H, F] under EP, [H, F/N] under TP
+            "step_ms": median(train_step_times(layer, tokens, steps=steps, warmup=warmup, group=group)),
+        }
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    import datetime
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    runs = []
+    dtype = "bfloat16" if cuda else "float32"
+    for tokens, top_k in ((4096, 2), (4096, 8)):
+        cfg = MoEConfig(num_experts=32, top_k=top_k, hidden_dim=2048, ffn_dim=1024, activation="swiglu", dtype=dtype)
+        runs.append(measure_ep_vs_tp(cfg, tokens, experts="grouped", device=device))
+        if dist.get_rank() == 0:
+            print(json.dumps(runs[-1]), flush=True)
+    if dist.get_rank() == 0:
+        record = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": dist.get_world_size(),
+                  "backend": dist.get_backend(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                  "command": f"torchrun --standalone --nproc-per-node {dist.get_world_size()} -m lessons_lib.ep_vs_tp "
+                             + " ".join(sys.argv[1:] if argv is None else argv),
+                  "runs": runs}
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
