@@ -97,10 +97,11 @@ def finish(result) -> None:
         with open(os.environ["LAUNCHER_RESULT"], "w") as f:
             f.write(text)
     dist.barrier()
-    dist.destroy_process_group()
-    # Leave now, skipping interpreter and C++ teardown: with torch 2.13 + gloo a background thread
-    # still alive at exit sometimes aborts the process ("terminate called without an active
-    # exception") after all the work is done. Everything the notebook needs is written above.
+    # Leave now, skipping destroy_process_group and the interpreter's and C++'s teardown: with
+    # torch 2.13 + gloo, a background thread still alive at exit sometimes aborts the process
+    # ("terminate called without an active exception") after all the work is done, and tearing
+    # down many subgroups is one more place to wait. The OS closes the sockets; everything the
+    # notebook needs was written above.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
