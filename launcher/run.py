@@ -194,7 +194,7 @@ def torchrun_command(python: str, nproc: int, torchrun_args, script) -> list[str
 
 
 def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None = None,
-              params: dict | None = None, timeout: float = 600, torchrun_args=(), stream: bool = True,
+              params: dict | None = None, timeout: float | None = None, torchrun_args=(), stream: bool = True,
               python: str = sys.executable) -> LaunchResult:
     """Run the cells of `notebook` tagged with `tags` on `nproc` ranks under torchrun.
 
@@ -202,7 +202,8 @@ def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None
         each becomes a variable of the script. The cells also see `rank`, `world_size`, `device`.
     Returns a LaunchResult; its `value` is whatever rank 0 assigned to `result`.
     Raises LaunchError (with the failing rank's last lines) if a rank fails, and
-    LaunchTimeout after `timeout` seconds, having killed every process it started.
+    LaunchTimeout after `timeout` seconds (default: $LAUNCHER_TIMEOUT, else 600), having killed every
+    process it started.
     """
     tags = [tags] if isinstance(tags, str) else list(tags)
     path = find_notebook(notebook)
@@ -214,7 +215,7 @@ def run_cells(tags, notebook=None, nproc: int | None = None, backend: str | None
 
 
 def run_script(path, nproc: int | None = None, backend: str | None = None, params: dict | None = None,
-               timeout: float = 600, torchrun_args=(), stream: bool = True,
+               timeout: float | None = None, torchrun_args=(), stream: bool = True,
                python: str = sys.executable) -> LaunchResult:
     """Run a Python file under torchrun the way `run_cells` runs cells. The file calls
     `launcher.runtime.run(main)`, where main calls `runtime.setup()` and `runtime.finish(result)`;
@@ -226,6 +227,8 @@ def run_script(path, nproc: int | None = None, backend: str | None = None, param
 
 
 def _launch(script, search_path, nproc, backend, extra_env, timeout, torchrun_args, stream, python) -> LaunchResult:
+    if timeout is None:
+        timeout = float(os.environ.get("LAUNCHER_TIMEOUT", 600))
     run_dir = Path(tempfile.mkdtemp(prefix="launcher-"))
     try:
         (run_dir / "script.py").write_text(script)

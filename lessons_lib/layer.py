@@ -2,8 +2,8 @@
 
     y = Σ_{e in top-k(x)} weight_e(x) · expert_e(x)
 
-Each lesson swaps one part by name: lesson 02 and 03 the dispatcher, lesson 04 the
-expert bank, lesson 06 the router. `MoELayer(cfg, dispatcher="alltoall", experts="grouped",
+Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher, lesson 04 the
+expert bank (lesson 06, still to be written, the router). `MoELayer(cfg, dispatcher="alltoall", experts="grouped",
 group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MoELayer(nn.Module):
 
     dispatcher: how rows reach the experts ("local": all experts on this device).
     experts: how the expert bank runs its experts ("loop": one after the other).
-    group: the expert-parallel process group of an EP dispatcher (None: all ranks);
+    group: the process group of a parallel dispatcher, EP or TP (None: all ranks);
         "local" takes none.
     """
 
