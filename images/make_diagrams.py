@@ -44,7 +44,9 @@ def draw_layer(path: Path) -> None:
     ax.axis("off")
     _box(ax, 0.1, 1.4, 1.1, 0.8, "x\n[T, H]")
     _box(ax, 1.8, 2.4, 1.8, 0.8, "router\nsoftmax, top-k", "#D6E4F0")
-    _box(ax, 1.8, 0.5, 1.8, 1.5, "dispatcher\n.dispatch\n" + ", ".join(sorted(DISPATCHERS)), "#FBE3D3", 9)
+    names = sorted(DISPATCHERS)
+    listed = "\n".join(", ".join(names[i:i + 2]) for i in range(0, len(names), 2))
+    _box(ax, 1.8, 0.5, 1.8, 1.5, "dispatcher\n.dispatch\n" + listed, "#FBE3D3", 9)
     _box(ax, 4.9, 0.5, 2.6, 1.5, "expert bank\nE FFNs, stacked\nw1, w2 (, w3)\n" + ", ".join(sorted(EXPERT_BANKS)),
          "#DCEFD9", 9)
     _box(ax, 8.8, 0.5, 1.8, 1.5, "dispatcher\n.combine\nΣ weight · expert(x)", "#FBE3D3", 9)
