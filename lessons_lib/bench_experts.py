@@ -67,6 +67,16 @@ def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def gemm_rate(rows: int, hidden: int, ffn: int, device=None, dtype=torch.float32, repeats: int = 20) -> float:
+    """GFLOP/s of one [rows, hidden] @ [hidden, ffn] product, the median of `repeats` after a warm-up:
+    the rate of one expert's GEMM when it receives `rows` rows."""
+    device = device if device is not None else torch.device("cpu")
+    a = torch.randn(rows, hidden, device=device, dtype=dtype)
+    w = torch.randn(hidden, ffn, device=device, dtype=dtype)
+    ms = _time_ms(lambda: a @ w, repeats, 3, device)
+    return 2 * rows * hidden * ffn / ms / 1e6
+
+
 def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats: int = 20, warmup: int = 5,
           backward: bool = True) -> dict:
     """One setting: every bank's forward (and fwd+bwd) time and TFLOP/s, and the dense reference."""
@@ -95,7 +105,6 @@ def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats:
         if isinstance(bank, GroupedExperts):
             entry["path"] = bank.path
         out[name] = entry
-        del bank
     # The dense reference: one expert's FFN over all rows, the same useful FLOPs as one GEMM chain.
     w1, w2, w3 = (torch.randn(H, F, device=device, dtype=dtype) / H**0.5,
                   torch.randn(F, H, device=device, dtype=dtype) / F**0.5,

@@ -17,7 +17,7 @@ This module also holds what every expert-parallel dispatcher shares: `ExpertPara
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from torch import nn
 from .config import MoEConfig
 from .distributed import experts_of_rank, rank_and_size
 from .router import Routing
+from .traffic import Traffic
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor; same arguments.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -33,43 +34,6 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 # Why a rank's input was refused; the code travels with the first collective so all ranks stop.
 INPUT_PROBLEMS = {1: "shape", 2: "dtype", 3: "device"}
-
-
-@dataclass
-class PhaseBytes:
-    """Bytes one rank sent to and received from other ranks in one phase of one forward pass."""
-
-    sent: int = 0
-    received: int = 0
-    useful: int = 0  # of `sent`: rows another rank really needed (no padding, nothing discarded)
-
-
-@dataclass
-class Traffic:
-    """What a dispatcher moved in its last forward pass, counted from the sizes it really used.
-
-    Backward sends the row gradients back through the mirror-image collectives: the combine
-    phase's amount again, and the dispatch phase's when the input needs a gradient; the sizes,
-    counts and metadata are not exchanged again."""
-
-    phases: dict = field(default_factory=dict)  # name -> PhaseBytes
-
-    def add(self, phase: str, sent: int, received: int, useful: int) -> None:
-        p = self.phases.setdefault(phase, PhaseBytes())
-        p.sent += int(sent)
-        p.received += int(received)
-        p.useful += int(useful)
-
-    @property
-    def sent(self) -> int:
-        return sum(p.sent for p in self.phases.values())
-
-    @property
-    def useful(self) -> int:
-        return sum(p.useful for p in self.phases.values())
-
-    def as_dict(self) -> dict:
-        return {name: vars(p).copy() for name, p in self.phases.items()} | {"sent": self.sent, "useful": self.useful}
 
 
 class ExpertParallelDispatcher(nn.Module):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dispatch_allgather import ExpertParallelDispatcher, Traffic
+from .dispatch_allgather import ExpertParallelDispatcher
+from .traffic import Traffic
 from .dispatch_local import weighted_sum_by_token
 from .router import Routing
 

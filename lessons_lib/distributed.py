@@ -6,6 +6,9 @@ contiguous block of experts r·E/N … (r+1)·E/N − 1.
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.distributed as dist
 
 
@@ -31,3 +34,15 @@ def rank_and_size(group=None) -> tuple[int, int]:
             "launcher does it for you) and call dist.init_process_group first"
         )
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def init_from_torchrun() -> torch.device:
+    """Join the process group torchrun describes and return this rank's device: nccl and
+    cuda:LOCAL_RANK when there are GPUs, gloo and the CPU otherwise (for the `python -m` measurements)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)  # binds the rank to its GPU up front
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .comm_model import ep_bytes_per_rank, tp_bytes_per_rank
 from .config import MoEConfig
-from .distributed import rank_and_size
+from .distributed import init_from_torchrun, rank_and_size
 from .layer import MoELayer
 from .router import Routing
 from .timing import median, train_step_times
@@ -65,21 +65,14 @@ def main(argv=None) -> None:
     import argparse
     import datetime
     import json
-    import os
     import sys
     from pathlib import Path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = init_from_torchrun()
+    cuda = device.type == "cuda"
     runs = []
     dtype = "bfloat16" if cuda else "float32"
     for tokens, top_k in ((4096, 2), (4096, 8)):

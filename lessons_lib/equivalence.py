@@ -154,3 +154,22 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
     out = dict(zip(errors, worst[:-1].tolist()))
     out["weights_moved"] = -worst[-1].item()
     return out
+
+
+def routing_cases(world_size: int) -> list[tuple[str, list[int], str]]:
+    """The (name, tokens per rank, routing) cases lessons 02 and 03 check every dispatcher on."""
+    even = [8] * world_size
+    cases = [("random", even, "random"), ("one_expert", even, "one_expert"), ("own_experts", even, "own_experts"),
+             ("uneven tokens", [5 + 7 * r for r in range(world_size)], "random"),
+             ("a rank with no tokens", [0] + [8] * (world_size - 1), "random")]
+    if world_size > 1:
+        cases.append(("receives_nothing", even, "receives_nothing"))
+    return cases
+
+
+def check_routings(cfg: MoEConfig, dispatcher: str, experts: str = "loop", group=None, device=None) -> list[dict]:
+    """`compare_with_single_device` on every case of `routing_cases`: one row of errors per case."""
+    _, N = rank_and_size(group)
+    return [{"case": name, **compare_with_single_device(cfg, dispatcher, experts, tokens, routing, group,
+                                                        device=device)}
+            for name, tokens, routing in routing_cases(N)]

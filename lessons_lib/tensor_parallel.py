@@ -20,10 +20,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import MoEConfig
-from .dispatch_allgather import Traffic, _all_gather, _reduce_scatter
+from .dispatch_allgather import _all_gather, _reduce_scatter
 from .dispatch_local import LocalDispatcher, weighted_sum_by_token
 from .distributed import rank_and_size
 from .router import Routing
+from .traffic import Traffic
 
 
 def _all_reduce_counted(x: torch.Tensor, group, traffic: Traffic | None, phase: str) -> torch.Tensor:

@@ -66,6 +66,21 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
     x = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
     target = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
     opt = make_adamw(layer.parameters())
+
+    def step():
+        y, aux = layer(x)
+        loss = torch.nn.functional.mse_loss(y, target) + 0.01 * aux.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed_runs(step, steps, warmup, device, group, collective)
+
+
+def timed_runs(fn, steps: int, warmup: int, device, group=None, collective: bool | None = None) -> list[float]:
+    """Milliseconds of each of `steps` calls of fn() after `warmup` untimed ones. With `collective`
+    (default: when torch.distributed is initialized) the ranks of `group` start each call together
+    at a barrier and every rank gets the slowest rank's time of each call."""
     collective = dist.is_initialized() if collective is None else collective
     times = []
     for i in range(warmup + steps):
@@ -73,11 +88,7 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
         if collective:
             dist.barrier(group=group)
         t0 = time.perf_counter()
-        y, aux = layer(x)
-        loss = torch.nn.functional.mse_loss(y, target) + 0.01 * aux.aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        fn()
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
@@ -90,24 +101,6 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
 
 def median(values) -> float:
     return statistics.median(values)
-
-
-def _median_ms(fn, steps: int, warmup: int, device, group=None) -> float:
-    """Median over ranks-synchronised repetitions of fn(), the slowest rank's time each."""
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        if dist.is_initialized():
-            dist.barrier(group=group)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return median(t.tolist())
 
 
 def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) -> dict:
@@ -124,7 +117,7 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
     for p in params:
         p.grad = torch.randn_like(p)
     opt = make_adamw(params)
-    adamw_ms = _median_ms(opt.step, steps, warmup, device, group)
+    adamw_ms = median(timed_runs(opt.step, steps, warmup, device, group))
     H, F = layer.cfg.hidden_dim, layer.cfg.ffn_dim
     x = torch.randn(rows, H, device=device, dtype=dtype)
     w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
@@ -136,7 +129,7 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
         h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
         (h @ w2).sum().backward()
 
-    return {"adamw_ms": adamw_ms, "dense_ffn_ms": _median_ms(dense, steps, warmup, device, group)}
+    return {"adamw_ms": adamw_ms, "dense_ffn_ms": median(timed_runs(dense, steps, warmup, device, group))}
 
 
 def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"), experts: str = "loop",
@@ -210,26 +203,21 @@ def main(argv=None) -> None:
     import argparse
     import datetime
     import json
-    import os
     import sys
     from pathlib import Path
 
     from .config import MoEConfig
+    from .distributed import init_from_torchrun
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--published-key", default="2xH200-nccl")
     args = ap.parse_args(argv)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device)
-    else:
+    device = init_from_torchrun()
+    backend = dist.get_backend()
+    if device.type == "cpu":
         keep_freed_memory()
-        device = torch.device("cpu")
-        dist.init_process_group(backend)
     rank = dist.get_rank()
     runs = []
     for tokens, hidden in ((32, 256), (256, 256), (1024, 1024)):

@@ -1,6 +1,5 @@
 """Expert parallelism equals the single-device layer, on 1, 2 and 4 gloo ranks."""
 import pytest
-import torch
 
 from conftest import REPO
 from launcher import run_script

@@ -1,0 +1,62 @@
+"""What a dispatcher moves between ranks, counted from the sizes it really used (lesson 02).
+
+Every parallel dispatcher keeps a `Traffic` record of its last forward pass, phase by phase
+(e.g. "dispatch", "combine", "counts"): bytes sent, received, and of those sent, how many were
+useful, i.e. rows another rank really needed. `measure_traffic` reads it for the lessons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class PhaseBytes:
+    """Bytes one rank sent to and received from other ranks in one phase of one forward pass."""
+
+    sent: int = 0
+    received: int = 0
+    useful: int = 0  # of `sent`: rows another rank really needed (no padding, nothing discarded)
+
+
+@dataclass
+class Traffic:
+    """What a dispatcher moved in its last forward pass, counted from the sizes it really used.
+
+    Backward sends the row gradients back through the mirror-image collectives: the combine
+    phase's amount again, and the dispatch phase's when the input needs a gradient; the sizes,
+    counts and metadata are not exchanged again."""
+
+    phases: dict = field(default_factory=dict)  # name -> PhaseBytes
+
+    def add(self, phase: str, sent: int, received: int, useful: int) -> None:
+        p = self.phases.setdefault(phase, PhaseBytes())
+        p.sent += int(sent)
+        p.received += int(received)
+        p.useful += int(useful)
+
+    @property
+    def sent(self) -> int:
+        return sum(p.sent for p in self.phases.values())
+
+    @property
+    def useful(self) -> int:
+        return sum(p.useful for p in self.phases.values())
+
+
+def measure_traffic(cfg, dispatcher: str, tokens: int, group=None, device=None, seed: int = 0) -> list[dict]:
+    """One forward of `MoELayer(cfg, dispatcher)` on `tokens` random tokens per rank; for every rank of
+    `group`, {"sent", "useful", and the bytes sent per phase}. Every rank calls it together."""
+    from .layer import MoELayer  # the layer imports the dispatchers, which import this module
+
+    device = device if device is not None else torch.device("cpu")
+    layer = MoELayer(cfg, dispatcher, group=group).to(device)
+    g = torch.Generator().manual_seed(seed + dist.get_rank())
+    layer(torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype))
+    t = layer.dispatcher.traffic
+    mine = {"sent": t.sent, "useful": t.useful, **{p: v.sent for p, v in t.phases.items()}}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    return every
