@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lessons_lib import DISPATCHERS, EXPERT_BANKS, MoEConfig, MoELayer, experts_of_rank  # noqa: E402
+from lessons_lib import DISPATCHERS, EXPERT_BANKS, ROUTERS, MoEConfig, MoELayer, experts_of_rank  # noqa: E402
 
 RANK_COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
 
@@ -43,7 +43,7 @@ def draw_layer(path: Path) -> None:
     ax.set_ylim(0, 3.6)
     ax.axis("off")
     _box(ax, 0.1, 1.4, 1.1, 0.8, "x\n[T, H]")
-    _box(ax, 1.8, 2.4, 1.8, 0.8, "router\nsoftmax, top-k", "#D6E4F0")
+    _box(ax, 1.8, 2.4, 1.8, 0.8, "router\n" + "\n".join(sorted(ROUTERS)), "#D6E4F0", 8)
     names = sorted(DISPATCHERS)
     listed = "\n".join(", ".join(names[i:i + 2]) for i in range(0, len(names), 2))
     _box(ax, 1.8, 0.5, 1.8, 1.5, "dispatcher\n.dispatch\n" + listed, "#FBE3D3", 9)
@@ -54,7 +54,7 @@ def draw_layer(path: Path) -> None:
     _arrow(ax, 1.2, 1.9, 1.8, 2.7)
     _arrow(ax, 1.2, 1.7, 1.8, 1.25)
     _arrow(ax, 2.7, 2.4, 2.7, 2.0, text="ids, weights")
-    _arrow(ax, 3.6, 1.25, 4.9, 1.25, text="rows grouped\nby expert")
+    _arrow(ax, 3.6, 1.25, 4.9, 1.25, text="rows grouped\nby expert\n(capacity)")
     _arrow(ax, 7.5, 1.25, 8.8, 1.25, text="expert\noutputs")
     _arrow(ax, 10.6, 1.25, 10.9, 1.7)
     ax.text(6, 3.3, "MoELayer(cfg, dispatcher=..., experts=...): the lessons swap one part at a time",

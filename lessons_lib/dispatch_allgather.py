@@ -1,8 +1,8 @@
 """Expert parallelism by padded all_gather (lesson 02).
 
 Rank r of N owns experts r·E/N … (r+1)·E/N − 1. Every rank:
-  1. flattens its tokens into T·k (token, slot) rows, each with metadata
-     (global expert id, source rank, source token, slot);
+  1. flattens its tokens into T·k (token, slot) rows (`rows_by_expert`, as in lesson 01), each
+     with metadata (global expert id, source rank, source token);
   2. pads its rows to the largest row count of any rank, so every rank sends the same shape;
   3. all-gathers everyone's rows and metadata, and keeps the rows whose expert it owns;
   4. runs its experts on them (grouped by local expert);
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import MoEConfig
+from .dispatch_local import rows_by_expert, weighted_sum_by_token
 from .distributed import experts_of_rank, rank_and_size
 from .router import Routing
 from .traffic import Traffic
@@ -106,15 +107,17 @@ class _ReduceScatter(torch.autograd.Function):
 @dataclass
 class AllGatherState:
     keep: torch.Tensor  # positions, in the gathered buffer, of the rows this rank's experts ran
+    kept_real: torch.Tensor  # of those, which are real rows (not lesson 05's padding)
     padded_rows: int  # M, the per-rank row count after padding
-    weights: torch.Tensor  # [T, k] routing weights of this rank's tokens
-    shape: tuple  # (T, k, H)
+    token: torch.Tensor  # [R] source token of each row this rank sent
+    weight: torch.Tensor  # [R] its routing weight
+    num_tokens: int
 
 
 class AllGatherDispatcher(ExpertParallelDispatcher):
     """Gather every rank's padded rows, keep this rank's; return results by reduce_scatter."""
 
-    META = 4  # int64 columns of metadata per row: expert, source rank, source token, slot
+    META = 4  # int64 columns of metadata per row: expert, source rank, source token, real (1) or padding (0)
 
     def _first_exchange(self, counts: torch.Tensor, code: int) -> list[list[int]]:
         # Every rank's row count (to find the padding size) and input-error code.
@@ -128,19 +131,18 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         self.traffic = Traffic()
-        T, k = routing.expert_ids.shape
         H, N = x.shape[1], self.world_size
-        every = self._first_exchange(torch.bincount(routing.expert_ids.flatten(), minlength=self.cfg.num_experts), 0)
+        rows = rows_by_expert(routing, self.cfg)  # the same rows as lesson 01, one per (token, slot)
+        R = len(rows.token)
+        every = self._first_exchange(rows.counts, 0)
         self._stop_if_any_rank_failed([c for _, c in every])
         M = max(n for n, _ in every)  # every rank pads to the busiest rank's row count
 
-        token = torch.arange(T, device=x.device).repeat_interleave(k)  # row i is (token i // k, slot i % k)
-        meta = torch.stack([routing.expert_ids.flatten(), torch.full_like(token, self.rank), token,
-                            torch.arange(k, device=x.device).repeat(T)], dim=1)
-        rows = torch.cat([x[token], x.new_zeros(M - T * k, H)])
-        meta = torch.cat([meta, meta.new_full((M - T * k, self.META), -1)])  # expert -1: padding
+        meta = torch.stack([rows.expert, torch.full_like(rows.token, self.rank), rows.token, rows.real.long()], dim=1)
+        sent = torch.cat([x[rows.token], x.new_zeros(M - R, H)])
+        meta = torch.cat([meta, meta.new_full((M - R, self.META), -1)])  # expert -1: padding
 
-        gathered = _AllGather.apply(rows, self.group)  # [N·M, H], differentiable
+        gathered = _AllGather.apply(sent, self.group)  # [N·M, H], differentiable
         gathered_meta = meta.new_empty(N * M, self.META)
         _all_gather(gathered_meta, meta, group=self.group)
 
@@ -151,21 +153,20 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         counts = torch.bincount(local, minlength=self.num_local_experts)
 
         row_bytes = H * x.element_size()
-        dest = routing.expert_ids.flatten() // self.num_local_experts
-        needed_elsewhere = int((dest != self.rank).sum())
+        needed_elsewhere = int((rows.real & (rows.expert // self.num_local_experts != self.rank)).sum())
         self.traffic.add("dispatch", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, needed_elsewhere * row_bytes)
         meta_bytes = (N - 1) * M * self.META * 8
         self.traffic.add("metadata", meta_bytes, meta_bytes, 0)
-        return gathered[keep], counts, AllGatherState(keep, M, routing.weights, (T, k, H))
+        state = AllGatherState(keep, gathered_meta[keep, 3] == 1, M, rows.token, rows.weight, x.shape[0])
+        return gathered[keep], counts, state
 
     def combine(self, expert_out: torch.Tensor, state: AllGatherState) -> torch.Tensor:
-        T, k, H = state.shape
-        N, M = self.world_size, state.padded_rows
+        H = expert_out.shape[1]
+        N, M, R = self.world_size, state.padded_rows, len(state.token)
         results = expert_out.new_zeros(N * M, H).index_copy(0, state.keep, expert_out)
-        back = _ReduceScatter.apply(results, self.group)[: T * k]  # my rows, in (token, slot) order
+        back = _ReduceScatter.apply(results, self.group)[:R]  # my rows' results, in the order I sent them
         row_bytes = H * expert_out.element_size()
-        # Results this rank computed for other ranks' tokens: rows it kept from other blocks.
-        for_others = int((state.keep // M != self.rank).sum())
+        # Results this rank computed for other ranks' tokens: real rows it kept from other blocks.
+        for_others = int((state.kept_real & (state.keep // M != self.rank)).sum())
         self.traffic.add("combine", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, for_others * row_bytes)
-        y = (back.float().view(T, k, H) * state.weights[..., None]).sum(dim=1)
-        return y.to(expert_out.dtype)
+        return weighted_sum_by_token(back, state.token, state.weight, state.num_tokens)

@@ -1,8 +1,8 @@
 """Expert parallelism by all_to_all_single (lesson 03).
 
 Lesson 02 sent every row to every rank. Here each row goes only where its expert lives:
-  1. sort the T·k (token, slot) rows by expert id (stable); since rank r owns a contiguous block
-     of experts, this also groups them by destination rank;
+  1. group the T·k (token, slot) rows by expert id (`rows_by_expert`, as in lesson 01); since
+     rank r owns a contiguous block of experts, this also groups them by destination rank;
   2. exchange counts: one all_to_all_single of the per-expert row counts tells every rank how
      many rows it will receive from each source, for each of its experts;
   3. all_to_all_single the rows, with input split sizes (rows to each rank) and output split
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .dispatch_allgather import ExpertParallelDispatcher
 from .traffic import Traffic
-from .dispatch_local import weighted_sum_by_token
+from .dispatch_local import rows_by_expert, weighted_sum_by_token
 from .router import Routing
 
 
@@ -54,55 +54,60 @@ class AllToAllState:
     regroup: torch.Tensor  # received order -> grouped by local expert
     in_splits: list  # rows sent to each rank
     out_splits: list  # rows received from each rank
+    useful_sent: list  # of in_splits, the real rows (not lesson 05's padding)
+    useful_received: list  # of out_splits, the real rows
 
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
     """Send each (token, slot) row only to the rank that owns its expert."""
 
-    def _first_exchange(self, counts: torch.Tensor, code: int) -> torch.Tensor:
-        # Row i of what this rank sends to rank r: how many rows go to each of r's experts, then `code`.
+    def _first_exchange(self, counts: torch.Tensor, code: int, real: torch.Tensor | None = None) -> torch.Tensor:
+        # Row r of what this rank sends to rank r: how many rows go to each of r's experts, how many
+        # of them are real (not lesson 05's padding), then `code`.
         N, E_local = self.world_size, self.num_local_experts
-        send = torch.cat([counts.view(N, E_local), counts.new_full((N, 1), code)], dim=1)
+        per_rank = counts.view(N, E_local)
+        real = per_rank.sum(1) if real is None else real
+        send = torch.cat([per_rank, real.view(N, 1), counts.new_full((N, 1), code)], dim=1)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        nbytes = (N - 1) * (E_local + 1) * 8
+        nbytes = (N - 1) * (E_local + 2) * 8
         self.traffic.add("counts", nbytes, nbytes, 0)
-        return recv  # [N, E_local + 1]: row s = what rank s will send me, per local expert
+        return recv  # [N, E_local + 2]: row s = what rank s will send me
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         self.traffic = Traffic()
-        k = routing.expert_ids.shape[1]
-        N, E_local, E = self.world_size, self.num_local_experts, self.cfg.num_experts
-        flat_ids = routing.expert_ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)  # by expert, hence by destination rank
-        token = order // k
-        counts = torch.bincount(flat_ids, minlength=E)
+        N, E_local = self.world_size, self.num_local_experts
+        rows = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
+        real_sent = torch.bincount(rows.expert[rows.real] // E_local, minlength=N)
 
-        recv = self._first_exchange(counts, 0)
+        recv = self._first_exchange(rows.counts, 0, real_sent)
         recv_counts = recv[:, :E_local]
         # One host sync for the split sizes: all_to_all_single needs them as Python ints.
-        sizes = torch.cat([counts.view(N, E_local).sum(1), recv_counts.sum(1), recv[:, E_local]]).tolist()
-        in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:]
+        sizes = torch.cat([rows.counts.view(N, E_local).sum(1), recv_counts.sum(1), recv[:, E_local + 1],
+                           real_sent, recv[:, E_local]]).tolist()
+        in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:3 * N]
         self._stop_if_any_rank_failed(codes)
 
-        rows = AllToAll.apply(x[token], out_splits, in_splits, self.group)
+        received = AllToAll.apply(x[rows.token], out_splits, in_splits, self.group)
         # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
         local_expert = torch.repeat_interleave(
             torch.arange(E_local, device=x.device).repeat(N), recv_counts.flatten())
         regroup = torch.argsort(local_expert, stable=True)
 
-        row_bytes = x.shape[1] * x.element_size()
-        sent = sum(n for r, n in enumerate(in_splits) if r != self.rank) * row_bytes
-        received = sum(n for r, n in enumerate(out_splits) if r != self.rank) * row_bytes
-        self.traffic.add("dispatch", sent, received, sent)
-        state = AllToAllState(token, routing.weights.flatten()[order], x.shape[0], regroup, in_splits, out_splits)
-        return rows[regroup], recv_counts.sum(0), state
+        state = AllToAllState(rows.token, rows.weight, x.shape[0], regroup, in_splits, out_splits,
+                              useful_sent=sizes[3 * N:4 * N], useful_received=sizes[4 * N:])
+        self._count("dispatch", x, in_splits, out_splits, state.useful_sent)
+        return received[regroup], recv_counts.sum(0), state
 
     def combine(self, expert_out: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         received_order = torch.empty_like(expert_out).index_copy(0, state.regroup, expert_out)
         back = AllToAll.apply(received_order, state.in_splits, state.out_splits, self.group)
-        row_bytes = expert_out.shape[1] * expert_out.element_size()
-        sent = sum(n for r, n in enumerate(state.out_splits) if r != self.rank) * row_bytes
-        received = sum(n for r, n in enumerate(state.in_splits) if r != self.rank) * row_bytes
-        self.traffic.add("combine", sent, received, sent)
+        self._count("combine", expert_out, state.out_splits, state.in_splits, state.useful_received)
         return weighted_sum_by_token(back, state.token, state.weight, state.num_tokens)
+
+    def _count(self, phase: str, rows: torch.Tensor, sent: list, received: list, useful: list) -> None:
+        """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""
+        row_bytes = rows.shape[1] * rows.element_size()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        self.traffic.add(phase, sum(sent[r] for r in others) * row_bytes,
+                         sum(received[r] for r in others) * row_bytes, sum(useful[r] for r in others) * row_bytes)

@@ -62,6 +62,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: list[int]) -> torch.Tensor:
+    """The single-device layer's output for the global batch X. With a capacity (lesson 05) each
+    rank's slice is run on its own, because capacity is a budget per expert for one rank's tokens."""
+    if reference.cfg.capacity_factor is None:
+        return reference(X)[0]
+    return torch.cat([reference(part)[0] for part in X.split(tokens_per_rank)])
+
+
 def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
                                tokens_per_rank: list[int] | None = None, routing: str = "random",
                                group=None, seed: int = 0, device=None) -> dict[str, float]:
@@ -79,15 +87,16 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed)
     sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
 
-    reference = MoELayer(cfg, "local", "loop").to(device)
-    reference.load_full_state_dict(sd)
-    x_ref = X.clone().requires_grad_()
-    y_ref, _ = reference(x_ref)
-    (y_ref.float() * G.float()).sum().backward()
-
     layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
     layer.load_full_state_dict(sd)
     replicated = getattr(layer.dispatcher, "replicated_tokens", False)
+
+    reference = MoELayer(cfg, "local", "loop").to(device)
+    reference.load_full_state_dict(sd)
+    x_ref = X.clone().requires_grad_()
+    y_ref = _reference_output(reference, x_ref, [len(X)] if replicated else tokens_per_rank)
+    (y_ref.float() * G.float()).sum().backward()
+
     lo = 0 if replicated else sum(tokens_per_rank[:rank])  # TP: every rank runs the whole batch
     hi = len(X) if replicated else lo + tokens_per_rank[rank]
     x = X[lo:hi].clone().requires_grad_()
@@ -131,7 +140,7 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
 
     reference = MoELayer(cfg, "local", "loop").to(device)
     reference.load_full_state_dict(sd)
-    y_ref, _ = reference(X)
+    y_ref = _reference_output(reference, X, [tokens_per_rank] * world)
     ((y_ref.float() * G.float()).sum() / total).backward()
     torch.optim.SGD(reference.parameters(), lr=lr).step()
 

@@ -3,8 +3,9 @@
     y = Σ_{e in top-k(x)} weight_e(x) · expert_e(x)
 
 Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher, lesson 04 the
-expert bank (lesson 06, still to be written, the router). `MoELayer(cfg, dispatcher="alltoall", experts="grouped",
-group=ep_group)` is the course's final layer.
+expert bank, lesson 06 the router (`cfg.router`). Lesson 05's capacity is a config option that
+every dispatcher honours (`dispatch_local.rows_by_expert`). `MoELayer(cfg, dispatcher="alltoall",
+experts="grouped", group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
 
@@ -20,8 +21,15 @@ from .dispatch_local import LocalDispatcher
 from .tensor_parallel import TensorParallelDispatcher
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
+from .capacity import dropped_pairs, expert_capacity
 from .init import expert_weight_shapes
+from .load_balancing import SigmoidBiasRouter, router_z_loss
 from .router import Routing, TopKRouter, load_balancing_loss
+
+ROUTERS: dict[str, type[nn.Module]] = {  # chosen by cfg.router
+    "softmax_topk": TopKRouter,  # lesson 01: Mixtral / Qwen-MoE
+    "sigmoid_bias": SigmoidBiasRouter,  # lesson 06: DeepSeek-V3
+}
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
     "local": LocalDispatcher,  # lesson 01: every expert on this device
@@ -41,13 +49,26 @@ class MoEAux:
     """What the layer reports beside its output, for the losses and the plots.
 
     aux_loss: the load-balancing loss of this rank's tokens (`router.load_balancing_loss`).
-    tokens_per_expert: [E] int64, (token, slot) pairs this rank's tokens sent to each expert.
+    z_loss: the router z-loss of this rank's tokens (`load_balancing.router_z_loss`).
+    tokens_per_expert: [E] int64, (token, slot) pairs this rank's tokens chose for each expert
+        (before any capacity limit: the router's demand).
     routing: the router's full decision.
+    capacity: C, the most pairs an expert takes from this rank (None: dropless, lesson 05).
+    dropped: how many of this rank's T·k pairs went over capacity.
     """
 
     aux_loss: torch.Tensor
+    z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     routing: Routing
+    capacity: int | None = None
+    dropped: torch.Tensor | None = None
+
+    @property
+    def drop_rate(self) -> float:
+        """The fraction of this rank's (token, slot) pairs dropped (0.0 when dropless)."""
+        pairs = self.routing.expert_ids.numel()
+        return float(self.dropped) / pairs if pairs and self.dropped is not None else 0.0
 
 
 def _pick(kind: str, name: str, registry: dict):
@@ -69,7 +90,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
-        self.router = TopKRouter(cfg)
+        self.router = ROUTERS[cfg.router](cfg)
         # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
         # part of each expert's inner dimension); the bank holds just those weights.
         self.experts = _pick("experts", experts, EXPERT_BANKS)(
@@ -87,7 +108,10 @@ class MoELayer(nn.Module):
         rows, counts, state = self.dispatcher.dispatch(x, routing)
         y = self.dispatcher.combine(self.experts(rows, counts), state)
         E = self.cfg.num_experts
-        aux = MoEAux(load_balancing_loss(routing, E), routing.tokens_per_expert(E), routing)
+        demand = routing.tokens_per_expert(E)
+        C = expert_capacity(self.cfg, x.shape[0])
+        aux = MoEAux(load_balancing_loss(routing, E), router_z_loss(routing), demand, routing,
+                     capacity=C, dropped=dropped_pairs(demand, C))
         return y, aux
 
     def _input_problem(self, x) -> tuple[int, str] | None:

@@ -1,6 +1,7 @@
 """The router: which experts each token goes to, and with what weight (lesson 01).
 
-Lesson 06 adds other routers beside `TopKRouter`; they all return a `Routing`.
+Lesson 06 adds DeepSeek-V3's router beside `TopKRouter` (`load_balancing.SigmoidBiasRouter`); every
+router returns a `Routing`.
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.std import tqdm
 
+from .load_balancing import update_expert_bias
+
 INPUTS = ("gaussian", "clusters")
 
 
@@ -54,49 +56,71 @@ class ToyTask:
 
 @dataclass
 class TrainLog:
-    """Per-step records of `train`: task loss, aux loss and tokens per expert ([steps, E])."""
+    """Per-step records of `train`: task loss, aux loss, tokens per expert ([steps, E]) and
+    the fraction of (token, slot) pairs dropped over capacity (lesson 05)."""
 
     loss: list[float]
     aux_loss: list[float]
     tokens_per_expert: np.ndarray
+    drop_rate: list[float] = field(default_factory=list)
 
     def max_over_mean(self) -> np.ndarray:
         """Per step, the busiest expert's load over the mean load (1 = perfectly balanced)."""
         counts = self.tokens_per_expert.astype(float)
         return counts.max(axis=1) / counts.mean(axis=1)
 
+    def tokens_per_rank(self, num_ranks: int) -> np.ndarray:
+        """[steps, num_ranks]: the rows each rank would receive with the experts split over
+        num_ranks expert-parallel ranks (rank r owns a contiguous block of E / num_ranks)."""
+        steps, E = self.tokens_per_expert.shape
+        if E % num_ranks:
+            raise ValueError(f"{E} experts cannot be split evenly over {num_ranks} ranks")
+        return self.tokens_per_expert.reshape(steps, num_ranks, E // num_ranks).sum(axis=2)
+
 
 def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_coef: float = 0.0,
-          seed: int = 0, rank: int = 0, group=None, progress: bool = True) -> TrainLog:
-    """Train `layer` on `task` with AdamW: loss = mse(y, target) + aux_coef · aux_loss.
+          seed: int = 0, rank: int = 0, group=None, progress: bool = True, z_coef: float = 0.0,
+          bias_rate: float = 0.0) -> TrainLog:
+    """Train `layer` on `task` with AdamW: loss = mse(y, target) + aux_coef · aux_loss + z_coef · z_loss.
 
+    bias_rate > 0 (a "sigmoid_bias" router): after each optimizer step, DeepSeek-V3's
+    aux-loss-free bias update with that rate (`load_balancing.update_expert_bias`, lesson 06).
     Every step draws `tokens` fresh tokens; `rank` offsets the data seed so the ranks of an
     expert-parallel run see different data. With `group`, the logged losses are averaged
     and the tokens per expert summed over the group, so every rank logs the global view.
     """
     if steps <= 0 or tokens < 0:
         raise ValueError(f"train needs steps > 0 and tokens >= 0, got steps={steps}, tokens={tokens}")
+    if min(aux_coef, z_coef, bias_rate) < 0:
+        raise ValueError("train needs aux_coef, z_coef and bias_rate >= 0")
+    if bias_rate and not hasattr(layer.router, "expert_bias"):
+        raise ValueError(f"bias_rate needs a router with a balancing bias (cfg.router='sigmoid_bias'), "
+                         f"not {layer.cfg.router!r}")
     device = next(layer.parameters()).device
     dtype = layer.cfg.torch_dtype
     g = torch.Generator().manual_seed(seed * 7919 + rank)
     opt = torch.optim.AdamW(layer.parameters(), lr=lr)
-    losses, aux_losses, counts = [], [], []
+    losses, aux_losses, counts, drops = [], [], [], []
     bar = tqdm(range(steps), desc="train", file=sys.stderr, mininterval=0.5, disable=not progress or rank != 0)
     for _ in bar:
         x, target = task.sample(tokens, g, dtype=dtype, device=device)
         y, aux = layer(x)
         task_loss = F.mse_loss(y.float(), target.float())
         opt.zero_grad(set_to_none=True)
-        (task_loss + aux_coef * aux.aux_loss).backward()
+        (task_loss + aux_coef * aux.aux_loss + z_coef * aux.z_loss).backward()
         opt.step()
+        if bias_rate:
+            update_expert_bias(layer.router, aux.tokens_per_expert, bias_rate, group)
         logged = torch.stack([task_loss.detach(), aux.aux_loss.detach()]).float()
-        step_counts = aux.tokens_per_expert.detach().clone()
+        step_counts = torch.cat([aux.tokens_per_expert, aux.dropped.view(1)]).detach()  # pairs, then dropped
         if group is not None:
             dist.all_reduce(logged, group=group)
             logged /= dist.get_world_size(group)
             dist.all_reduce(step_counts, group=group)
+        step_counts = step_counts.cpu()
         losses.append(logged[0].item())
         aux_losses.append(logged[1].item())
-        counts.append(step_counts.cpu().numpy())
+        drops.append(step_counts[-1].item() / max(1, int(step_counts[:-1].sum())))
+        counts.append(step_counts[:-1].numpy())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    return TrainLog(losses, aux_losses, np.stack(counts))
+    return TrainLog(losses, aux_losses, np.stack(counts), drops)

@@ -4,7 +4,8 @@ Modes (params["mode"]):
   equality: every dispatcher × activation × routing case against the single-device layer;
   bad_input: one rank gets bad input, or E is not divisible by N: every rank must raise, none hang;
   alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single;
-  traffic: the bytes each dispatcher counts against what the routing says it must send.
+  traffic: the bytes each dispatcher counts against what the routing says it must send;
+  bias: DeepSeek-V3's bias update sums the loads over the ranks, so every rank keeps the same bias.
 """
 import torch
 import torch.distributed as dist
@@ -45,6 +46,17 @@ def equality_cases(N):
                 "E=N", even, "random"
             yield dispatcher, "loop", cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
             yield dispatcher, "loop", cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
+    for dispatcher in ("allgather", "alltoall", "tp"):  # lesson 05: capacity, drops decided per rank
+        for policy, pad, bank in (("probs", False, "loop"), ("position", False, "grouped"), ("probs", True, "bmm")):
+            cfg = MoEConfig(**base, activation="swiglu", capacity_factor=0.75, drop_policy=policy, pad_to_capacity=pad)
+            name = f"capacity 0.75, {policy}{', padded' if pad else ''}"
+            yield dispatcher, bank, cfg, f"{name}: random", [8] * N, "random"
+            yield dispatcher, bank, cfg, f"{name}: one_expert", [8] * N, "one_expert"
+            if dispatcher != "tp":
+                yield dispatcher, bank, cfg, f"{name}: uneven tokens", [8, 3, 12, 0][:N], "random"
+    deepseek = MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=4, topk_groups=2, routed_scaling_factor=2.5)
+    for dispatcher in ("allgather", "alltoall"):  # lesson 06's router
+        yield dispatcher, "grouped", deepseek, "sigmoid_bias, 2 of 4 groups", [8] * N, "random"
 
 
 def traffic_check(rank, N, device):
@@ -67,14 +79,37 @@ def traffic_check(rank, N, device):
             expected = {"dispatch": (N - 1) * M * row, "metadata": (N - 1) * M * 4 * 8, "combine": (N - 1) * M * row,
                         "sizes": (N - 1) * 2 * 8, "useful": (leaving + arriving) * row}
         else:
-            expected = {"dispatch": leaving * row, "combine": arriving * row, "counts": (N - 1) * 5 * 8,
+            expected = {"dispatch": leaving * row, "combine": arriving * row, "counts": (N - 1) * 6 * 8,
                         "useful": (leaving + arriving) * row}
         t = layer.dispatcher.traffic
         measured = {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}
         out[name] = {"measured": measured, "expected": expected}
+    out["alltoall, capacity 0.5, padded"] = padded_traffic(rank, N, tokens, device)
     every = [None] * N
     dist.all_gather_object(every, out)
     return every
+
+
+def padded_traffic(rank, N, tokens, device):
+    """With every expert padded to C = ceil(k·T/E · 0.5), a rank sends E_local·C rows to each other
+    rank, of which min(n_e, C) per expert are real (useful)."""
+    import math
+    cfg = MoEConfig(num_experts=4 * N, top_k=2, hidden_dim=16, ffn_dim=32, capacity_factor=0.5, pad_to_capacity=True)
+    layer = MoELayer(cfg, "alltoall").to(device)
+    x = torch.randn(tokens[rank], 16, generator=torch.Generator().manual_seed(rank)).to(device)
+    _, aux = layer(x)
+    C = [math.ceil(2 * t / (4 * N) * 0.5) for t in tokens]
+    assert aux.capacity == C[rank]
+    every = [None] * N
+    dist.all_gather_object(every, aux.tokens_per_expert.view(N, 4).tolist())  # [dest rank][local expert]
+    kept = [[sum(min(n, C[s]) for n in every[s][d]) for d in range(N)] for s in range(N)]  # s sends d
+    row = 16 * 4
+    others = [r for r in range(N) if r != rank]
+    expected = {"counts": (N - 1) * 6 * 8, "dispatch": (N - 1) * 4 * C[rank] * row,
+                "combine": sum(4 * C[s] for s in others) * row,
+                "useful": sum(kept[rank][d] + kept[d][rank] for d in others) * row}
+    t = layer.dispatcher.traffic
+    return {"measured": {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}, "expected": expected}
 
 
 def main():
@@ -132,6 +167,15 @@ def main():
         diffs = torch.tensor([result["forward"], result["backward"]], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
+    elif p["mode"] == "bias":
+        from lessons_lib.load_balancing import SigmoidBiasRouter, update_expert_bias
+
+        router = SigmoidBiasRouter(MoEConfig(num_experts=4, top_k=2, hidden_dim=8, router="sigmoid_bias")).to(device)
+        mine = torch.tensor([[6, 0, 1, 1], [0, 2, 3, 3]][rank % 2], device=device)  # global (2 ranks): 6 2 4 4
+        update_expert_bias(router, mine, rate=0.5)
+        every = [None] * world_size
+        dist.all_gather_object(every, router.expert_bias.tolist())
+        result = every
     elif p["mode"] == "ep_dp":
         from lessons_lib.equivalence import compare_ep_dp_step
 

@@ -14,7 +14,9 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "equality"}, stream=False,
                       timeout=600).value
     cases_per_variant = 8 if nproc > 1 else 7
-    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * 3
+    capacity_cases = 3 * (2 * 3 + 2)  # 3 policy/bank variants; allgather and alltoall: 3 cases each, tp: 2
+    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * 3 + capacity_cases + 2
+    assert sum("capacity" in r["case"] for r in rows) == capacity_cases
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
@@ -70,3 +72,9 @@ def test_one_ep_x_dp_training_step_equals_the_single_device_step():
         assert set(errors) == {"router.weight", "experts.w1", "experts.w2", "experts.w3"}
         assert max(errors.values()) <= TOLERANCE, (bank, errors)
     assert "must divide the world size" in result["bad ep_size"]
+
+
+def test_bias_update_uses_the_global_load_on_every_rank():
+    every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "bias"}, stream=False, timeout=300).value
+    # global loads 6 2 4 4, mean 4: the busy expert's bias goes down, the idle one's up, the average ones stay
+    assert every == [[-0.5, 0.5, 0.0, 0.0]] * 2
