@@ -23,6 +23,7 @@ from fractions import Fraction
 import torch
 
 from .config import MoEConfig
+from .router import count_per_expert
 
 
 def expert_capacity(cfg: MoEConfig, num_tokens: int) -> int | None:
@@ -49,7 +50,7 @@ def select_within_capacity(expert: torch.Tensor, weight: torch.Tensor, num_exper
         order = torch.argsort(expert, stable=True)
     else:
         raise ValueError(f"drop policy must be 'probs' or 'position', got {policy!r}")
-    counts = torch.bincount(expert, minlength=num_experts)
+    counts = count_per_expert(expert, num_experts)
     first_row = torch.cumsum(counts, 0) - counts  # where each expert's group starts in `order`
     place = torch.arange(len(order), device=expert.device) - first_row[expert[order]]  # 0, 1, … within the group
     fits = place < capacity

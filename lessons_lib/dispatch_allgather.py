@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import MoEConfig
-from .dispatch_local import rows_by_expert, weighted_sum_by_token
+from .dispatch_local import Rows, rows_by_expert, weighted_sum_by_token
 from .distributed import experts_of_rank, rank_and_size
-from .router import Routing
+from .router import Routing, count_per_expert
 from .traffic import Traffic
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor; same arguments.
@@ -109,9 +109,8 @@ class AllGatherState:
     keep: torch.Tensor  # positions, in the gathered buffer, of the rows this rank's experts ran
     kept_real: torch.Tensor  # of those, which are real rows (not lesson 05's padding)
     padded_rows: int  # M, the per-rank row count after padding
-    token: torch.Tensor  # [R] source token of each row this rank sent
-    weight: torch.Tensor  # [R] its routing weight
-    num_tokens: int
+    rows: Rows  # what each row this rank sent is
+    weights: torch.Tensor  # [T, k] the routing weights
 
 
 class AllGatherDispatcher(ExpertParallelDispatcher):
@@ -150,23 +149,23 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         keep = torch.nonzero((expert >= self.experts.start) & (expert < self.experts.stop)).squeeze(1)
         local = expert[keep] - self.experts.start
         keep = keep[torch.argsort(local, stable=True)]  # bucket by local expert, gather order inside
-        counts = torch.bincount(local, minlength=self.num_local_experts)
+        counts = count_per_expert(local, self.num_local_experts)
 
         row_bytes = H * x.element_size()
         needed_elsewhere = int((rows.real & (rows.expert // self.num_local_experts != self.rank)).sum())
         self.traffic.add("dispatch", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, needed_elsewhere * row_bytes)
         meta_bytes = (N - 1) * M * self.META * 8
         self.traffic.add("metadata", meta_bytes, meta_bytes, 0)
-        state = AllGatherState(keep, gathered_meta[keep, 3] == 1, M, rows.token, rows.weight, x.shape[0])
+        state = AllGatherState(keep, gathered_meta[keep, 3] == 1, M, rows, routing.weights)
         return gathered[keep], counts, state
 
     def combine(self, expert_out: torch.Tensor, state: AllGatherState) -> torch.Tensor:
         H = expert_out.shape[1]
-        N, M, R = self.world_size, state.padded_rows, len(state.token)
+        N, M, R = self.world_size, state.padded_rows, len(state.rows.pair)
         results = expert_out.new_zeros(N * M, H).index_copy(0, state.keep, expert_out)
         back = _ReduceScatter.apply(results, self.group)[:R]  # my rows' results, in the order I sent them
         row_bytes = H * expert_out.element_size()
         # Results this rank computed for other ranks' tokens: real rows it kept from other blocks.
         for_others = int((state.kept_real & (state.keep // M != self.rank)).sum())
         self.traffic.add("combine", (N - 1) * M * row_bytes, (N - 1) * M * row_bytes, for_others * row_bytes)
-        return weighted_sum_by_token(back, state.token, state.weight, state.num_tokens)
+        return weighted_sum_by_token(back, state.rows, state.weights)

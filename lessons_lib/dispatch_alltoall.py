@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from .dispatch_allgather import ExpertParallelDispatcher
 from .traffic import Traffic
-from .dispatch_local import rows_by_expert, weighted_sum_by_token
-from .router import Routing
+from .dispatch_local import Permute, Rows, inverse_permutation, rows_by_expert, weighted_sum_by_token
+from .router import Routing, count_per_expert
 
 
 class AllToAll(torch.autograd.Function):
@@ -48,10 +48,10 @@ class AllToAll(torch.autograd.Function):
 
 @dataclass
 class AllToAllState:
-    token: torch.Tensor  # [T·k] source token of each sent row (sorted order)
-    weight: torch.Tensor  # [T·k] its routing weight
-    num_tokens: int
+    rows: Rows  # what each sent row is (grouped by expert, hence by destination)
+    weights: torch.Tensor  # [T, k] the routing weights
     regroup: torch.Tensor  # received order -> grouped by local expert
+    ungroup: torch.Tensor  # its inverse: grouped by local expert -> the order the rows were received in
     in_splits: list  # rows sent to each rank
     out_splits: list  # rows received from each rank
     useful_sent: list  # of in_splits, the real rows (not lesson 05's padding)
@@ -78,7 +78,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         self.traffic = Traffic()
         N, E_local = self.world_size, self.num_local_experts
         rows = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
-        real_sent = torch.bincount(rows.expert[rows.real] // E_local, minlength=N)
+        real_sent = count_per_expert(rows.expert // E_local, N, weights=rows.real)  # real rows per destination
 
         recv = self._first_exchange(rows.counts, 0, real_sent)
         recv_counts = recv[:, :E_local]
@@ -90,20 +90,22 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
 
         received = AllToAll.apply(x[rows.token], out_splits, in_splits, self.group)
         # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
-        local_expert = torch.repeat_interleave(
-            torch.arange(E_local, device=x.device).repeat(N), recv_counts.flatten())
+        local_expert = torch.repeat_interleave(torch.arange(E_local, device=x.device).repeat(N),
+                                               recv_counts.flatten(), output_size=sum(out_splits))
         regroup = torch.argsort(local_expert, stable=True)
+        ungroup = inverse_permutation(regroup)
 
-        state = AllToAllState(rows.token, rows.weight, x.shape[0], regroup, in_splits, out_splits,
+        state = AllToAllState(rows, routing.weights, regroup, ungroup, in_splits, out_splits,
                               useful_sent=sizes[3 * N:4 * N], useful_received=sizes[4 * N:])
         self._count("dispatch", x, in_splits, out_splits, state.useful_sent)
-        return received[regroup], recv_counts.sum(0), state
+        return Permute.apply(received, regroup, ungroup), recv_counts.sum(0), state
 
     def combine(self, expert_out: torch.Tensor, state: AllToAllState) -> torch.Tensor:
-        received_order = torch.empty_like(expert_out).index_copy(0, state.regroup, expert_out)
+        # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
+        received_order = Permute.apply(expert_out, state.ungroup, state.regroup)
         back = AllToAll.apply(received_order, state.in_splits, state.out_splits, self.group)
         self._count("combine", expert_out, state.out_splits, state.in_splits, state.useful_received)
-        return weighted_sum_by_token(back, state.token, state.weight, state.num_tokens)
+        return weighted_sum_by_token(back, state.rows, state.weights)
 
     def _count(self, phase: str, rows: torch.Tensor, sent: list, received: list, useful: list) -> None:
         """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""

@@ -19,23 +19,30 @@ from torch import nn
 
 from .capacity import expert_capacity, select_within_capacity
 from .config import MoEConfig
-from .router import Routing
+from .router import Routing, count_per_expert
 
 
 @dataclass
 class Rows:
     """The rows a rank sends to the experts, one per kept (token, slot) pair, grouped by expert.
 
-    token, expert, weight: [R] source token, global expert id and routing weight of each row.
-    counts: [E] rows per expert. real: [R] False for lesson 05's padding rows, which repeat
-    token 0 with weight 0: they cost what a real row costs and add exactly nothing.
+    pair: [R] which (token, slot) pair each row is, as an index into the flattened [T, k] routing
+        (token = pair // k), or -1 for lesson 05's padding rows, which repeat token 0: they cost
+        what a real row costs and are left out of the combine.
+    token, expert: [R] the source token and the global expert id of each row.
+    counts: [E] rows per expert.
+    every_pair: True when the rows are exactly the T·k pairs, no pair dropped and no padding.
     """
 
+    pair: torch.Tensor
     token: torch.Tensor
     expert: torch.Tensor
-    weight: torch.Tensor
     counts: torch.Tensor
-    real: torch.Tensor
+    every_pair: bool
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.pair >= 0
 
 
 def rows_by_expert(routing: Routing, cfg: MoEConfig) -> Rows:
@@ -45,27 +52,46 @@ def rows_by_expert(routing: Routing, cfg: MoEConfig) -> Rows:
     (`capacity.select_within_capacity`), padded to exactly C with cfg.pad_to_capacity.
     """
     T, k = routing.expert_ids.shape
-    flat_ids, flat_w = routing.expert_ids.flatten(), routing.weights.flatten()  # row i is (token i // k, slot i % k)
+    E = cfg.num_experts
+    flat_ids = routing.expert_ids.flatten()  # pair i is (token i // k, slot i % k)
     C = expert_capacity(cfg, T)
     if C is None:
         # Stable sort: rows of one expert stay in token order, so results are reproducible.
-        pick = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=cfg.num_experts)
-    else:
-        pick, counts = select_within_capacity(flat_ids, flat_w, cfg.num_experts, C, cfg.drop_policy,
-                                              cfg.pad_to_capacity)
-    real = pick >= 0
-    pick = pick.clamp(min=0)
-    slot_expert = torch.repeat_interleave(torch.arange(cfg.num_experts, device=counts.device), counts)
-    return Rows(token=torch.where(real, pick // k, 0), expert=slot_expert,
-                weight=torch.where(real, flat_w[pick], 0.0), counts=counts, real=real)
+        pair = torch.argsort(flat_ids, stable=True)
+        return Rows(pair, pair // k, flat_ids[pair], count_per_expert(flat_ids, E), every_pair=True)
+    pair, counts = select_within_capacity(flat_ids, routing.weights.flatten(), E, C, cfg.drop_policy,
+                                          cfg.pad_to_capacity)
+    real = pair >= 0
+    expert = torch.arange(E * C, device=pair.device) // C if cfg.pad_to_capacity else flat_ids[pair]
+    return Rows(pair, torch.where(real, pair // k, 0), expert, counts, every_pair=False)
+
+
+class Permute(torch.autograd.Function):
+    """x[order] for a permutation `order`, whose inverse is `inverse`. Autograd's own backward of indexing
+    scatters with atomic adds, in case an index repeats; a permutation has none, so the gradient is just
+    gathered back in place: grad[inverse]."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
 
 
 @dataclass
 class LocalState:
-    token: torch.Tensor  # [T·k] source token of each grouped row
-    weight: torch.Tensor  # [T·k] its routing weight (fp32)
-    num_tokens: int
+    rows: Rows  # what each grouped row is
+    weights: torch.Tensor  # [T, k] the routing weights
 
 
 class LocalDispatcher(nn.Module):
@@ -86,16 +112,22 @@ class LocalDispatcher(nn.Module):
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         rows = rows_by_expert(routing, self.cfg)
-        state = LocalState(token=rows.token, weight=rows.weight, num_tokens=x.shape[0])
-        return x[rows.token], rows.counts, state
+        return x[rows.token], rows.counts, LocalState(rows, routing.weights)
 
     def combine(self, expert_out: torch.Tensor, state: LocalState) -> torch.Tensor:
-        return weighted_sum_by_token(expert_out, state.token, state.weight, state.num_tokens)
+        return weighted_sum_by_token(expert_out, state.rows, state.weights)
 
 
-def weighted_sum_by_token(rows: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_tokens: int):
-    """y[t] = Σ weight[i] · rows[i] over the rows i whose token[i] == t: the combine step."""
-    # Accumulate in fp32 so a bf16 layer sums its k contributions without extra rounding.
-    weighted = rows.float() * weight[:, None]
-    y = rows.new_zeros(num_tokens, rows.shape[1], dtype=torch.float32)
-    return y.index_add(0, token, weighted).to(rows.dtype)
+def weighted_sum_by_token(out: torch.Tensor, rows: Rows, weights: torch.Tensor) -> torch.Tensor:
+    """The combine step: y[t] = Σ_s weights[t, s] · out[the row of pair (t, s)], for out [R, H] in the
+    order of `rows`. A dropped pair has no row and adds nothing; padding rows are left out."""
+    T, k = weights.shape
+    H = out.shape[1]
+    if rows.every_pair:  # the rows are a permutation of the T·k pairs: put them back in (token, slot) order
+        by_pair = Permute.apply(out, inverse_permutation(rows.pair), rows.pair)
+    else:  # dropped pairs stay zero; padding rows land in one spare row, cut off after
+        sink = torch.where(rows.real, rows.pair, T * k)
+        by_pair = out.new_zeros(T * k + 1, H).index_copy(0, sink, out)[: T * k]
+    # Each token: [1, k] weights @ [k, H] rows. One batched matmul reads every row once, and
+    # accumulates the k products in fp32 inside the GEMM even for a bf16 layer.
+    return torch.bmm(weights.to(out.dtype).view(T, 1, k), by_pair.view(T, k, H)).view(T, H)

@@ -7,6 +7,7 @@ contiguous block of experts r·E/N … (r+1)·E/N − 1.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -46,3 +47,13 @@ def init_from_torchrun() -> torch.device:
         return device
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def leave_torchrun() -> None:
+    """End a `python -m` measurement: wait for every rank, flush, and exit without tearing the process
+    group down. torch 2.13 with gloo sometimes aborts inside that teardown after the work is done
+    ("terminate called without an active exception"); the launcher's ranks end the same way."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

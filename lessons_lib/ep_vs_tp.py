@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .comm_model import ep_bytes_per_rank, tp_bytes_per_rank
 from .config import MoEConfig
-from .distributed import init_from_torchrun, rank_and_size
+from .distributed import init_from_torchrun, leave_torchrun, rank_and_size
 from .layer import MoELayer
 from .router import Routing
 from .timing import median, train_step_times
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
                              + " ".join(sys.argv[1:] if argv is None else argv),
                   "runs": runs}
         Path(args.out).write_text(json.dumps(record, indent=1))
-    dist.destroy_process_group()
+    leave_torchrun()
 
 
 if __name__ == "__main__":

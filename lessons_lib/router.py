@@ -32,7 +32,17 @@ class Routing:
 
     def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
         """How many (token, slot) pairs each expert received: [E] int64, sums to T·k."""
-        return torch.bincount(self.expert_ids.flatten(), minlength=num_experts)
+        return count_per_expert(self.expert_ids.flatten(), num_experts)
+
+
+def count_per_expert(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] int64: how many entries of `ids` are each expert (or the sum of their `weights`).
+
+    `torch.bincount` would do, but on a GPU it copies the largest id back to the CPU to size its
+    output: a host synchronisation, which stalls the GPU. A scatter-add into E zeros needs none.
+    """
+    ones = torch.ones_like(ids) if weights is None else weights.long()
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
 
 
 class TopKRouter(nn.Module):

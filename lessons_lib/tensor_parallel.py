@@ -111,5 +111,5 @@ class TensorParallelDispatcher(nn.Module):
         return self.local.dispatch(x, routing)
 
     def combine(self, expert_out: torch.Tensor, state) -> torch.Tensor:
-        partial = weighted_sum_by_token(expert_out, state.token, state.weight, state.num_tokens)
+        partial = weighted_sum_by_token(expert_out, state.rows, state.weights)
         return _ReduceFromTP.apply(partial, self.group, self.traffic)

@@ -78,22 +78,28 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
 
 
 def timed_runs(fn, steps: int, warmup: int, device, group=None, collective: bool | None = None) -> list[float]:
-    """Milliseconds of each of `steps` calls of fn() after `warmup` untimed ones. With `collective`
-    (default: when torch.distributed is initialized) the ranks of `group` start each call together
-    at a barrier and every rank gets the slowest rank's time of each call."""
+    """Milliseconds of each of `steps` calls of fn() after `warmup` untimed ones (CUDA events on a GPU,
+    the wall clock on a CPU). With `collective` (default: when torch.distributed is initialized) the ranks
+    of `group` start each call together at a barrier and every rank gets the slowest rank's time of each call."""
     collective = dist.is_initialized() if collective is None else collective
+    cuda = device.type == "cuda"
     times = []
     for i in range(warmup + steps):
         _sync(device)
         if collective:
             dist.barrier(group=group)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         fn()
+        if cuda:
+            end.record()
         _sync(device)
         if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3)
     if collective:
-        t = torch.tensor(times, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        t = torch.tensor(times, dtype=torch.float64, device=device if cuda else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         times = t.tolist()
     return times
@@ -118,18 +124,24 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
         p.grad = torch.randn_like(p)
     opt = make_adamw(params)
     adamw_ms = median(timed_runs(opt.step, steps, warmup, device, group))
-    H, F = layer.cfg.hidden_dim, layer.cfg.ffn_dim
+    return {"adamw_ms": adamw_ms, "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group)}
+
+
+def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None) -> float:
+    """Median ms of forward + backward of ONE dense FFN of an expert's shape over `rows` rows: the
+    FLOPs of `rows` expert rows as one big GEMM chain, the rate the expert banks should approach."""
+    H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
     x = torch.randn(rows, H, device=device, dtype=dtype)
     w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
     w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
     w3 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
-    swiglu = layer.cfg.activation == "swiglu"
+    swiglu = cfg.activation == "swiglu"
 
     def dense():
         h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
         (h @ w2).sum().backward()
 
-    return {"adamw_ms": adamw_ms, "dense_ffn_ms": median(timed_runs(dense, steps, warmup, device, group))}
+    return median(timed_runs(dense, steps, warmup, device, group))
 
 
 def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"), experts: str = "loop",
@@ -207,7 +219,7 @@ def main(argv=None) -> None:
     from pathlib import Path
 
     from .config import MoEConfig
-    from .distributed import init_from_torchrun
+    from .distributed import init_from_torchrun, leave_torchrun
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", required=True)
@@ -236,7 +248,7 @@ def main(argv=None) -> None:
         }
         Path(args.out).write_text(json.dumps(record, indent=1))
         plot_dispatch_runs(record, Path(args.out).with_suffix(".png"))
-    dist.destroy_process_group()
+    leave_torchrun()
 
 
 if __name__ == "__main__":

@@ -118,3 +118,24 @@ def test_rank_and_size_needs_an_initialized_process_group():
 
     with pytest.raises(RuntimeError, match="not initialized"):
         rank_and_size()
+
+
+def test_count_per_expert_matches_bincount_and_takes_weights():
+    from lessons_lib.router import count_per_expert
+
+    ids = torch.tensor([3, 0, 3, 1, 3])
+    assert count_per_expert(ids, 5).tolist() == torch.bincount(ids, minlength=5).tolist() == [1, 1, 0, 3, 0]
+    assert count_per_expert(ids, 5, weights=torch.tensor([True, False, True, True, False])).tolist() == [0, 1, 0, 2, 0]
+
+
+def test_permute_sends_each_gradient_back_to_its_row():
+    from lessons_lib.dispatch_local import Permute, inverse_permutation
+
+    x = torch.randn(5, 3, requires_grad=True)
+    order = torch.tensor([2, 0, 4, 1, 3])
+    assert inverse_permutation(order).tolist() == [1, 3, 0, 4, 2]
+    g = torch.randn(5, 3)
+    Permute.apply(x, order, inverse_permutation(order)).backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    x2[order].backward(g)
+    assert torch.equal(Permute.apply(x, order, inverse_permutation(order)), x[order]) and torch.equal(x.grad, x2.grad)

@@ -1,0 +1,355 @@
+"""The benchmark suite: every lesson's layer, timed next to the limits of the machine it runs on.
+
+    torchrun --standalone --nproc-per-node 2 -m lessons_lib.bench --shape small --out images/bench_small.json
+    torchrun --standalone --nproc-per-node 2 -m lessons_lib.bench --shape realistic --out ...
+    torchrun --standalone --nproc-per-node 2 -m lessons_lib.bench --shape scaling --dispatchers alltoall --experts grouped
+
+Runs on any number of ranks (the world size comes from torchrun), CPU/gloo or GPU/nccl. Shapes:
+  small:     the published notebook's setting: 16 experts, top-2, H 256, F 1024, 32 tokens per rank, fp32;
+  realistic: DeepSeek-V3-like: 64 experts, top-8, H 7168, expert F 2048, SwiGLU, 4096 tokens per rank, bf16;
+  scaling:   the realistic shape at 1k … 16k tokens per rank (time per token should stay flat).
+For each dispatcher × expert bank it measures, on every rank's own random tokens (balanced routing):
+  fwd_bwd_ms     forward + backward, median over steps of the slowest rank (CUDA events on a GPU);
+  train_step_ms  forward + backward + fused AdamW (small shape only);
+  phases_ms      the forward split into route / dispatch / experts / combine (median, slowest rank);
+  tokens_per_s, tflops_per_gpu (expert + router FLOPs, ×3 for forward + backward), mfu (dense bf16 peak);
+  bytes sent per rank in dispatch and combine (counted by the dispatcher) and their bandwidth;
+  peak_mem_gb    the most memory allocated during forward + backward (GPU).
+and, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, and a dense
+FFN of the same FLOPs (one big GEMM chain instead of many experts). Writes a JSON record, a markdown
+table beside it, and plots.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import MoEConfig
+from .experts_batched import flops_per_row
+from .layer import MoELayer
+from .timing import dense_ffn_ms, make_adamw, median, timed_runs
+
+REALISTIC = MoEConfig(num_experts=64, top_k=8, hidden_dim=7168, ffn_dim=2048, activation="swiglu", dtype="bfloat16")
+SHAPES = {  # name: (config, tokens per rank to run)
+    "small": (MoEConfig(num_experts=16, top_k=2, hidden_dim=256, ffn_dim=1024), [32]),
+    "realistic": (REALISTIC, [4096]),
+    "scaling": (REALISTIC, [1024, 2048, 4096, 8192, 16384]),
+}
+DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}  # bf16 dense, SXM; for MFU
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DENSE_PEAK_TFLOPS.items() if k in name), None)
+
+
+def _max_over_ranks(values: list[float], device, group=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def forward_phases(layer: MoELayer, x: torch.Tensor, steps: int, warmup: int = 3) -> dict:
+    """Median ms of each forward phase (route, dispatch, experts, combine), slowest rank per phase."""
+    device = x.device
+    cuda = device.type == "cuda"
+
+    def mark(marks):
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+
+    per_step = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        marks = []
+        mark(marks)
+        routing = layer.router(x)
+        mark(marks)
+        rows, counts, state = layer.dispatcher.dispatch(x, routing)
+        mark(marks)
+        out = layer.experts(rows, counts)
+        mark(marks)
+        layer.dispatcher.combine(out, state)
+        mark(marks)
+        if cuda:
+            torch.cuda.synchronize(device)
+        ms = [a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        if i >= warmup:
+            per_step.append(ms)
+    medians = [median([s[j] for s in per_step]) for j in range(4)]
+    return dict(zip(("route", "dispatch", "experts", "combine"), _max_over_ranks(medians, device)))
+
+
+def alltoall_bus_bandwidth(nbytes: int, device, steps: int = 20, warmup: int = 5, group=None) -> dict:
+    """all_to_all_single of `nbytes` per rank split evenly over the ranks: median ms, and bus bandwidth
+    = bytes each rank sends to other ranks / time (nccl-tests' definition for all-to-all)."""
+    N = dist.get_world_size(group)
+    elems = max(N, nbytes // 2 // N * N)  # bf16-sized elements, divisible by N
+    send = torch.empty(elems, dtype=torch.bfloat16, device=device)
+    recv = torch.empty_like(send)
+    ms = median(timed_runs(lambda: dist.all_to_all_single(recv, send, group=group), steps, warmup, device, group))
+    moved = elems * 2 * (N - 1) / N
+    return {"bytes_per_rank": elems * 2, "ms": ms, "busbw_gbps": moved / ms / 1e6 if N > 1 else None}
+
+
+def layer_flops(cfg: MoEConfig, tokens: int) -> int:
+    """Forward FLOPs per rank, balanced routing, dropless: the router's [T, H]·[H, E] and k expert rows per token."""
+    return 2 * tokens * cfg.hidden_dim * cfg.num_experts + tokens * cfg.top_k * flops_per_row(cfg)
+
+
+def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps: int, warmup: int,
+              train_step: bool) -> dict:
+    """Every measurement of one layer (`dispatcher` × `experts`) at one size (all ranks call it together)."""
+    cfg, device = layer.cfg, layer.router.weight.device
+    rank, N = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
+    grad = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
+    layer.zero_grad(set_to_none=True)
+    xg = x.requires_grad_()
+
+    def fwd_bwd():
+        y, _ = layer(xg)
+        y.backward(grad)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"dispatcher": dispatcher, "experts": experts, "tokens_per_rank": tokens,
+           "fwd_bwd_ms": median(timed_runs(fwd_bwd, steps, warmup, device))}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = max(_max_over_ranks([torch.cuda.max_memory_allocated(device) / 1e9], device))
+        out["weights_gb"] = sum(p.numel() * p.element_size() for p in layer.parameters()) / 1e9
+    if train_step:
+        opt = make_adamw(layer.parameters())
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            fwd_bwd()
+            opt.step()
+
+        out["train_step_ms"] = median(timed_runs(step, steps, warmup, device))
+        del opt
+    with torch.no_grad():
+        out["phases_ms"] = forward_phases(layer, x.detach(), steps)
+    t = layer.dispatcher.traffic.phases if hasattr(layer.dispatcher, "traffic") else {}
+    sent = _max_over_ranks([t[p].sent if p in t else 0 for p in ("dispatch", "combine")], device)
+    out["bytes_sent"] = {"dispatch": sent[0], "combine": sent[1]}
+    for p, b in zip(("dispatch", "combine"), sent):
+        out[f"{p}_gbps"] = b / out["phases_ms"][p] / 1e6 if b else None
+    flops = 3 * layer_flops(cfg, tokens)  # forward + backward per rank
+    out["tokens_per_s"] = tokens * N / out["fwd_bwd_ms"] * 1e3
+    out["us_per_token"] = out["fwd_bwd_ms"] * 1e3 / tokens
+    out["tflops_per_gpu"] = flops / out["fwd_bwd_ms"] / 1e9
+    peak = peak_tflops(device)
+    out["mfu"] = out["tflops_per_gpu"] / peak if peak else None
+    if hasattr(layer.experts, "path"):
+        out["path"] = layer.experts.path
+    return out
+
+
+def limits(cfg: MoEConfig, tokens: int, device, steps: int) -> dict:
+    """The machine's limits at this size: all-to-all bus bandwidth at the dispatch's bytes, dense FFN rate."""
+    rows = tokens * cfg.top_k
+    a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
+    ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)
+    return {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms,
+            "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9}
+
+
+def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, device, path, steps: int = 5,
+                 trace: str | None = None) -> None:
+    """torch.profiler over `steps` training steps (forward, backward, AdamW) of one combination; rank 0 writes
+    the ops by self device time and by self CPU time, the count of kernels and host syncs per step, and
+    the device's busy time against the wall time. `trace`: also a Chrome trace of 3 forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = MoELayer(cfg, dispatcher, experts).to(device)
+    opt = make_adamw(layer.parameters())
+    x = torch.randn(tokens, cfg.hidden_dim, device=device, dtype=cfg.torch_dtype)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x)[0].float().square().mean().backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if trace:
+        with profile(activities=activities) as fb:
+            for _ in range(3):
+                dist.barrier()
+                layer(x)[0].float().square().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        if dist.get_rank() == 0:
+            fb.export_chrome_trace(trace)
+    if dist.get_rank() != 0:
+        return
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+                                                     "aten::_local_scalar_dense"))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = (f"{dispatcher} + {experts}, {tokens} tokens per rank, {steps} training steps\n"
+            f"device kernels per step: {kernels / steps:.0f}; host syncs (item/synchronize) per step: {syncs / steps:.0f}\n\n"
+            + events.table(sort_by=sort, row_limit=25) + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
+    Path(path).write_text(text)
+
+
+def memory_table(cfg: MoEConfig, tokens: int, N: int) -> dict:
+    """What forward + backward of the final layer holds at its peak, per rank (GB), from the shapes:
+    nothing in it grows with experts × ranks × tokens."""
+    b = cfg.torch_dtype.itemsize
+    E_local, H, F, rows = cfg.num_experts // N, cfg.hidden_dim, cfg.ffn_dim, tokens * cfg.top_k
+    mats = 3 if cfg.activation == "swiglu" else 2
+    return {
+        f"expert weights (E/N · {mats} · H · F)": E_local * mats * H * F * b / 1e9,
+        "their gradients": E_local * mats * H * F * b / 1e9,
+        "token rows [T·k, H]: sent, received, regrouped, expert output, returned (5 buffers)": 5 * rows * H * b / 1e9,
+        "expert activations saved for backward [T·k, F]: x·w1, x·w3, act": 3 * rows * F * b / 1e9,
+        "input, output and its gradient [T, H]": 3 * tokens * H * b / 1e9,
+    }
+
+
+def main(argv=None) -> None:
+    from .distributed import init_from_torchrun, leave_torchrun
+    from .timing import keep_freed_memory
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--dispatchers", nargs="+", default=["allgather", "alltoall"])
+    ap.add_argument("--experts", nargs="+", default=["loop", "bmm", "grouped"])
+    ap.add_argument("--tokens", type=int, nargs="+", help="tokens per rank (default: the shape's)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the shape's")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", help="JSON record path; a .md table and .png plots go beside it")
+    ap.add_argument("--profile", help="also profile training steps of the last combination; write the tables here")
+    ap.add_argument("--trace", help="with --profile: a Chrome trace of 3 forward + backward passes, here")
+    args = ap.parse_args(argv)
+
+    device = init_from_torchrun()
+    if device.type == "cpu":
+        keep_freed_memory()
+    cfg, sizes = SHAPES[args.shape]
+    cfg = replace(cfg, dtype=args.dtype) if args.dtype else cfg
+    sizes = args.tokens or sizes
+    rank, N = dist.get_rank(), dist.get_world_size()
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": N, "backend": dist.get_backend(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "shape": args.shape, "config": vars(cfg).copy(),
+        "command": f"torchrun --nproc-per-node {N} -m lessons_lib.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "peak_tflops": peak_tflops(device), "runs": [], "limits": {},
+    }
+    for tokens in sizes:
+        record["limits"][str(tokens)] = limits(cfg, tokens, device, args.steps)
+    for d in args.dispatchers:
+        for e in args.experts:
+            layer = MoELayer(cfg, d, e).to(device)  # built once: a realistic layer takes seconds to draw
+            for tokens in sizes:
+                run = bench_one(layer, d, e, tokens, args.steps, args.warmup, train_step=args.shape == "small")
+                record["runs"].append(run)
+                if rank == 0:
+                    print(json.dumps(run), flush=True)
+            del layer
+    record["memory_estimate_gb"] = memory_table(cfg, max(sizes), N)
+    if args.profile:
+        profile_step(cfg, sizes[0], args.dispatchers[-1], args.experts[-1], device, args.profile, trace=args.trace)
+    if rank == 0:
+        print(markdown(record))
+        if args.out:
+            out = Path(args.out)
+            out.write_text(json.dumps(record, indent=1))
+            out.with_suffix(".md").write_text(markdown(record))
+            plot(record, out.with_suffix(".png"))
+    leave_torchrun()
+
+
+def markdown(record: dict) -> str:
+    """The record as a markdown table, with its device, torch version, date and command."""
+    lines = [f"{record['device']} × {record['world_size']} ({record['backend']}), torch {record['torch']}, "
+             f"{record['date']}, shape {record['shape']}", f"`{record['command']}`", "",
+             "| dispatcher | experts | tokens/rank | fwd+bwd ms | step ms | µs/token | TFLOP/s/GPU | MFU | "
+             "route / dispatch / experts / combine ms (fwd) | dispatch GB/s | combine GB/s | a2a busbw GB/s | "
+             "dense FFN TFLOP/s | peak GB |",
+             "|" + "---|" * 15]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for r in record["runs"]:
+        lim = record["limits"][str(r["tokens_per_rank"])]
+        p = r["phases_ms"]
+        lines.append(
+            f"| {r['dispatcher']} | {r['experts']} | {r['tokens_per_rank']} | {r['fwd_bwd_ms']:.3g} | "
+            f"{fmt(r.get('train_step_ms'), '.3g')} | {r['us_per_token']:.3g} | {r['tflops_per_gpu']:.3g} | "
+            f"{fmt(r['mfu'] and 100 * r['mfu'], '.0f')}{'%' if r['mfu'] else ''} | "
+            f"{p['route']:.3g} / {p['dispatch']:.3g} / {p['experts']:.3g} / {p['combine']:.3g} | "
+            f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
+            f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
+            f"{fmt(r.get('peak_mem_gb'), '.3g')} |")
+    lines += ["", "Memory held by forward + backward, per rank, estimated from the shapes (largest size):", "",
+              "| what | GB |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g} |" for k, v in record["memory_estimate_gb"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path) -> None:
+    """TFLOP/s per GPU of each combination next to the dense FFN; forward phases; time per token vs tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = record["runs"]
+    sizes = sorted({r["tokens_per_rank"] for r in runs})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    big = [r for r in runs if r["tokens_per_rank"] == sizes[-1]]
+    names = [f"{r['dispatcher']}\n{r['experts']}" for r in big]
+    axes[0].bar(names, [r["tflops_per_gpu"] for r in big], color="C0")
+    axes[0].axhline(record["limits"][str(sizes[-1])]["dense_ffn_tflops"], color="C3", ls="--",
+                    label="dense FFN, same FLOPs (same run)")
+    if record["peak_tflops"]:
+        axes[0].axhline(record["peak_tflops"], color="grey", ls=":", label="dense peak")
+    axes[0].set(ylabel="TFLOP/s per GPU (fwd+bwd)", title=f"{sizes[-1]} tokens per rank")
+    axes[0].legend(fontsize=8)
+    bottom = [0.0] * len(big)
+    for phase, colour in zip(("route", "dispatch", "experts", "combine"), ("C7", "C1", "C2", "C4")):
+        vals = [r["phases_ms"][phase] for r in big]
+        axes[1].bar(names, vals, bottom=bottom, label=phase, color=colour)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[1].set(ylabel="ms (forward, slowest rank per phase)", title="where the forward goes")
+    axes[1].legend(fontsize=8)
+    for d, e in sorted({(r["dispatcher"], r["experts"]) for r in runs}):
+        pts = [(r["tokens_per_rank"], r["us_per_token"]) for r in runs if (r["dispatcher"], r["experts"]) == (d, e)]
+        axes[2].plot(*zip(*pts), marker="o", label=f"{d} + {e}")
+    axes[2].set(xscale="log", xlabel="tokens per rank", ylabel="µs per token (fwd+bwd)", title="time per token")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{record['device']} × {record['world_size']}, {record['backend']}, torch {record['torch']}, "
+                 f"{record['date']}: shape {record['shape']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The benchmark suite runs under torchrun on any world size and records what it claims to measure."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from lessons_lib.bench import SHAPES, layer_flops, markdown
+
+
+@pytest.mark.parametrize("nproc", [1, 4])
+def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lessons_lib.bench", "--shape", "small", "--tokens", "8", "--steps", "2", "--warmup", "1",
+           "--experts", "loop", "grouped", "--out", str(out)]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)
+    record = json.loads(out.read_text())
+    assert record["world_size"] == nproc and record["backend"] == "gloo" and record["device"] == "cpu"
+    assert [(r["dispatcher"], r["experts"]) for r in record["runs"]] == [
+        ("allgather", "loop"), ("allgather", "grouped"), ("alltoall", "loop"), ("alltoall", "grouped")]
+    cfg = SHAPES["small"][0]
+    H, k = cfg.hidden_dim, cfg.top_k
+    for r in record["runs"]:
+        assert r["train_step_ms"] > 0 and set(r["phases_ms"]) == {"route", "dispatch", "experts", "combine"}
+        assert r["tflops_per_gpu"] == pytest.approx(3 * layer_flops(cfg, 8) / r["fwd_bwd_ms"] / 1e9)
+        if r["dispatcher"] == "allgather":  # every rank sends its padded 8·k rows to each of the N-1 others
+            assert r["bytes_sent"]["dispatch"] == (nproc - 1) * 8 * k * H * 4
+        else:  # only rows for other ranks' experts, at most all 8·k of them
+            assert r["bytes_sent"]["dispatch"] <= 8 * k * H * 4 * (nproc > 1)
+    a2a = record["limits"]["8"]["alltoall"]
+    assert a2a["bytes_per_rank"] == 8 * k * H * 4 and (a2a["busbw_gbps"] is None) == (nproc == 1)
+    table = out.with_suffix(".md").read_text()
+    assert table == markdown(record) and "| alltoall | grouped | 8 |" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
