@@ -8,7 +8,7 @@ PYTHON ?= python3
 TORCH_INDEX ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install course test lab diagrams
+.PHONY: install course test lab diagrams bench
 
 install:
 	@# keep an installed torch (e.g. a CUDA build on a GPU box); otherwise install torch==2.13.0
@@ -28,3 +28,6 @@ lab: install
 
 diagrams:
 	$(PYTHON) images/make_diagrams.py
+
+bench: install
+	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node 2 -m lessons_lib.bench --shape small $(BENCH_ARGS)

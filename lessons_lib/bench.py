@@ -118,10 +118,13 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
     g = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
     grad = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
-    layer.zero_grad(set_to_none=True)
     xg = x.requires_grad_()
 
     def fwd_bwd():
+        # fresh gradients each pass, as in training: accumulating into the last pass's would add a read
+        # and a write of every expert weight's gradient (GBs at the realistic shape)
+        layer.zero_grad(set_to_none=True)
+        xg.grad = None
         y, _ = layer(xg)
         y.backward(grad)
 
@@ -137,7 +140,6 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
         opt = make_adamw(layer.parameters())
 
         def step():
-            layer.zero_grad(set_to_none=True)
             fwd_bwd()
             opt.step()
 
@@ -217,8 +219,9 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
 
 
 def memory_table(cfg: MoEConfig, tokens: int, N: int) -> dict:
-    """What forward + backward of the final layer holds at its peak, per rank (GB), from the shapes:
-    nothing in it grows with experts × ranks × tokens."""
+    """What forward + backward of the final layer allocates per rank (GB), from the shapes: the expert
+    weights and their gradients, a few [T·k, H] row buffers and the activations saved for backward.
+    Nothing grows with experts × ranks × tokens (the published notebook allocates [E/N, T·N, H] twice)."""
     b = cfg.torch_dtype.itemsize
     E_local, H, F, rows = cfg.num_experts // N, cfg.hidden_dim, cfg.ffn_dim, tokens * cfg.top_k
     mats = 3 if cfg.activation == "swiglu" else 2
@@ -306,10 +309,31 @@ def markdown(record: dict) -> str:
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
             f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
             f"{fmt(r.get('peak_mem_gb'), '.3g')} |")
-    lines += ["", "Memory held by forward + backward, per rank, estimated from the shapes (largest size):", "",
+    lines += ["", "What forward + backward allocates per rank, from the shapes at the largest size (not all of it is "
+              "alive at once; the measured peak is in the table above). Nothing grows with experts × ranks × tokens:", "",
               "| what | GB |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" for k, v in record["memory_estimate_gb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def show_bench(name: str, dispatchers=None, experts=None) -> dict | None:
+    """In a lesson: the committed record images/NAME.json as a table (only the given dispatchers and
+    banks, if any) and its plot. Returns the record, or None (with a note) if it is not committed."""
+    from IPython.display import Markdown, display
+
+    from .figures import IMAGES, show_image
+
+    path = IMAGES / f"{name}.json"
+    if not path.is_file():
+        print(f"{path.name} is not committed yet: run `python -m lessons_lib.bench` on GPUs (see its docstring)")
+        return None
+    record = json.loads(path.read_text())
+    shown = dict(record, runs=[r for r in record["runs"] if (dispatchers is None or r["dispatcher"] in dispatchers)
+                               and (experts is None or r["experts"] in experts)])
+    display(Markdown(markdown(shown)))
+    if path.with_suffix(".png").is_file():
+        show_image(path.with_suffix(".png").name)
+    return record
 
 
 def plot(record: dict, path) -> None:
@@ -338,11 +362,21 @@ def plot(record: dict, path) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[1].set(ylabel="ms (forward, slowest rank per phase)", title="where the forward goes")
     axes[1].legend(fontsize=8)
-    for d, e in sorted({(r["dispatcher"], r["experts"]) for r in runs}):
-        pts = [(r["tokens_per_rank"], r["us_per_token"]) for r in runs if (r["dispatcher"], r["experts"]) == (d, e)]
-        axes[2].plot(*zip(*pts), marker="o", label=f"{d} + {e}")
-    axes[2].set(xscale="log", xlabel="tokens per rank", ylabel="µs per token (fwd+bwd)", title="time per token")
-    axes[2].set_ylim(bottom=0)
+    if len(sizes) > 1:  # scaling: time per token should stay flat as tokens grow
+        for d, e in sorted({(r["dispatcher"], r["experts"]) for r in runs}):
+            pts = [(r["tokens_per_rank"], r["us_per_token"]) for r in runs if (r["dispatcher"], r["experts"]) == (d, e)]
+            axes[2].plot(*zip(*pts), marker="o", label=f"{d} + {e}")
+        axes[2].set(xscale="log", xlabel="tokens per rank", ylabel="µs per token (fwd+bwd)", title="time per token")
+        axes[2].set_ylim(bottom=0)
+    else:  # one size: the dispatch and combine phases' bandwidth against the all-to-all's
+        xs = range(len(big))
+        axes[2].bar([x - 0.2 for x in xs], [r["dispatch_gbps"] or 0 for r in big], 0.4, label="dispatch phase")
+        axes[2].bar([x + 0.2 for x in xs], [r["combine_gbps"] or 0 for r in big], 0.4, label="combine phase")
+        busbw = record["limits"][str(sizes[-1])]["alltoall"]["busbw_gbps"]
+        if busbw:
+            axes[2].axhline(busbw, color="C3", ls="--", label="all_to_all_single alone (same run)")
+        axes[2].set_xticks(list(xs), names)
+        axes[2].set(ylabel="GB/s sent to other ranks", title="dispatch / combine bandwidth")
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{record['device']} × {record['world_size']}, {record['backend']}, torch {record['torch']}, "
                  f"{record['date']}: shape {record['shape']}", fontsize=10)
