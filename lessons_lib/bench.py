@@ -196,15 +196,15 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    if trace:
+    if trace:  # forward + backward only, fresh gradients each pass, every rank its own file
         with profile(activities=activities) as fb:
             for _ in range(3):
                 dist.barrier()
+                layer.zero_grad(set_to_none=True)
                 layer(x)[0].float().square().mean().backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        if dist.get_rank() == 0:
-            fb.export_chrome_trace(trace)
+        fb.export_chrome_trace(str(Path(trace).with_suffix(f".rank{dist.get_rank()}.json")))
     if dist.get_rank() != 0:
         return
     events = prof.key_averages()

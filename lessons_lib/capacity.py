@@ -30,7 +30,7 @@ def expert_capacity(cfg: MoEConfig, num_tokens: int) -> int | None:
     """C = ceil(k·T/E · capacity_factor), or None when the layer is dropless."""
     if cfg.capacity_factor is None:
         return None
-    # Exact arithmetic: in floats 3 · 1.1 is 3.3000000000000003, and ceil would give one slot too many.
+    # Exact arithmetic: in floats 50 · 1.1 is 55.00000000000001, and ceil would give 56 slots, not 55.
     share = Fraction(cfg.top_k * num_tokens, cfg.num_experts) * Fraction(str(cfg.capacity_factor))
     return math.ceil(share)
 

@@ -83,6 +83,7 @@ class Permute(torch.autograd.Function):
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order`: x[order][inverse] == x."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return inverse

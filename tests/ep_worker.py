@@ -167,6 +167,23 @@ def main():
         diffs = torch.tensor([result["forward"], result["backward"]], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
+    elif p["mode"] == "exercise":
+        from lessons_lib.exercises import alltoall_backward, run_check
+
+        def stub(grad, in_splits, out_splits):
+            raise NotImplementedError
+
+        def forward_instead(grad, in_splits, out_splits):  # the splits not swapped
+            out = grad.new_empty(sum(out_splits), *grad.shape[1:])
+            dist.all_to_all_single(out, grad.contiguous(), out_splits, in_splits)
+            return out
+
+        statuses = {name: run_check("03.3", fn)["status"] for name, fn in
+                    (("solution", alltoall_backward), ("stub", stub), ("forward instead of backward", forward_instead))}
+        every = [None] * world_size
+        dist.all_gather_object(every, statuses)
+        assert all(s == every[0] for s in every), every
+        result = every[0]
     elif p["mode"] == "bias":
         from lessons_lib.load_balancing import SigmoidBiasRouter, update_expert_bias
 

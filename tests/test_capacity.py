@@ -13,8 +13,9 @@ def test_capacity_formula_is_exact():
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.0), 32) == 4  # k·T/E = 4
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.25), 32) == 5
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.0), 33) == 5  # 4.125 -> 5
-    # 10 · 1.1 is 11.000000000000002 in floats: a float ceil would give 12
-    assert expert_capacity(MoEConfig(num_experts=2, top_k=2, capacity_factor=1.1), 10) == 11
+    # 50 · 1.1 is 55.00000000000001 in floats: a float ceil would give 56
+    assert math.ceil(2 * 50 / 2 * 1.1) == 56
+    assert expert_capacity(MoEConfig(num_experts=2, top_k=2, capacity_factor=1.1), 50) == 55
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2), 32) is None
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.0), 0) == 0
 

@@ -1,4 +1,6 @@
 """Every lesson runs top to bottom under papermill, from a directory that is not notebooks/."""
+import json
+
 import nbformat
 import pytest
 
@@ -22,15 +24,30 @@ def test_committed_notebook_has_no_outputs(notebook):
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), "a papermill parameters cell"
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(notebook, tmp_path, monkeypatch):
+def _has_exercises(notebook) -> bool:
+    return notebook.name[:2] != "00"
+
+
+RUNS = [(nb, False) for nb in NOTEBOOKS] + [(nb, True) for nb in NOTEBOOKS if _has_exercises(nb)]
+
+
+@pytest.mark.parametrize("notebook, solutions", RUNS,
+                         ids=[f"{nb.stem}-{'solutions' if sol else 'student'}" for nb, sol in RUNS])
+def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
+    """Both ways: as a student gets it (exercises not written: each check says so, nothing crashes), and
+    with the library's solutions (every check passes)."""
     # a hung multi-rank cell then fails with its ranks' last lines, before the notebook's own limit
     monkeypatch.setenv("LAUNCHER_TIMEOUT", str(TIME_LIMIT_S // 2))
-    out = execute_notebook(notebook, tmp_path / "run", timeout=TIME_LIMIT_S)
-    assert out.with_suffix(".html").is_file()
+    run = tmp_path / "run"
+    out = execute_notebook(notebook, run, {"SOLUTIONS": solutions} if _has_exercises(notebook) else {},
+                           timeout=TIME_LIMIT_S, html=not solutions)
+    assert out.with_suffix(".html").is_file() == (not solutions)
     nb = nbformat.read(str(out), as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    if _has_exercises(notebook):
+        results = json.loads((run / "exercise_results.json").read_text())
+        assert results and {r["status"] for r in results.values()} == {"passed" if solutions else "not implemented"}
 
 
 def test_a_failing_assertion_fails_the_run(tmp_path):

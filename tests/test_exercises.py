@@ -1,0 +1,102 @@
+"""The exercise checker: the library's solutions pass, wrong answers fail naming the case, stubs do not crash."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from launcher import run_script
+from lessons_lib import exercises
+from lessons_lib.exercises import EXERCISES, check, pick, run_check
+
+SINGLE_PROCESS = [k for k in EXERCISES if k != "03.3"]  # 03.3 needs ranks: below
+
+
+def test_every_lesson_from_01_to_07_has_two_or_three_exercises():
+    per_lesson = {}
+    for key in EXERCISES:
+        per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07"]
+    assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
+
+
+@pytest.mark.parametrize("key", SINGLE_PROCESS)
+def test_the_library_solution_passes_its_own_check(key, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check(key, pick(key, None, solutions=True))
+    assert json.loads((tmp_path / "exercise_results.json").read_text())[key]["status"] == "passed"
+
+
+def test_a_stub_is_reported_not_implemented_without_raising(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def split_sizes(expert_ids, num_experts, world_size):
+        raise NotImplementedError("your turn")
+
+    assert check("03.1", split_sizes) is False
+    assert "not implemented yet" in capsys.readouterr().out
+    assert json.loads((tmp_path / "exercise_results.json").read_text())["03.1"]["status"] == "not implemented"
+
+
+def test_a_wrong_answer_names_the_case_inputs_expected_and_got():
+    def topk_without_renormalizing(logits, k, normalize):
+        return logits.softmax(-1).topk(k, dim=-1)  # forgets normalize
+
+    result = run_check("01.1", topk_without_renormalizing)
+    assert result["status"] == "failed"
+    assert "case 'random'" in result["message"] and "expected:" in result["message"] and "got:" in result["message"]
+
+
+def test_an_edge_case_is_caught():
+    def splits_forgetting_empty_ranks(expert_ids, num_experts, world_size):
+        return torch.bincount(expert_ids // (num_experts // world_size)).tolist()  # no minlength
+
+    result = run_check("03.1", splits_forgetting_empty_ranks)
+    assert result["status"] == "failed" and "one hot expert" in result["message"]
+
+
+def test_a_crashing_answer_is_reported_with_its_inputs():
+    result = run_check("04.1", lambda x, counts: x.view(len(counts), int(counts.max()), -1))  # 27 elements into [3, 4, -1]
+    assert result["status"] == "failed" and "raised RuntimeError" in result["message"] and "inputs:" in result["message"]
+
+
+def test_the_float_trap_of_the_capacity_exercise():
+    result = run_check("05.1", lambda k, T, E, f: __import__("math").ceil(k * T / E * f))
+    assert result["status"] == "failed" and "float trap" in result["message"]
+
+
+def test_the_alltoall_backward_exercise_runs_on_ranks():
+    every = run_script(REPO / "tests" / "ep_worker.py", nproc=3, backend="gloo", params={"mode": "exercise"},
+                       stream=False, timeout=300).value
+    assert every == {"solution": "passed", "stub": "not implemented", "forward instead of backward": "failed"}
+
+
+def test_grade_lists_the_exercises(capsys):
+    exercises.main(["list"])
+    out = capsys.readouterr().out
+    assert "03.3  the backward of the all-to-all" in out
+
+
+def test_grade_runs_a_students_notebook_and_reports_each_exercise(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("SOLUTIONS = False", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from lessons_lib.exercises import check, pick\n"
+            "def ep_bytes(tokens, hidden, top_k, group_size, bytes_per_element):\n"
+            "    raise NotImplementedError\n"
+            "def tp_bytes(tokens, hidden, group_size, bytes_per_element):\n"
+            "    return 2 * tokens * hidden * bytes_per_element  # wrong: ignores (N-1)/N\n"
+            "check('07.1', pick('07.1', ep_bytes, SOLUTIONS)); check('07.2', pick('07.2', tp_bytes, SOLUTIONS))")]
+    path = tmp_path / "student.ipynb"
+    nbformat.write(nb, str(path))
+    exercises.main(["grade", str(path)])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["ran"] and {k: v["status"] for k, v in record["results"].items()} == {
+        "07.1": "not implemented", "07.2": "failed"}
+    exercises.main(["grade", str(path), "--solutions"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {v["status"] for v in record["results"].values()} == {"passed"}
