@@ -184,6 +184,12 @@ def main():
         dist.all_gather_object(every, statuses)
         assert all(s == every[0] for s in every), every
         result = every[0]
+    elif p["mode"] == "ep_vs_tp":  # lesson 07's comparison at any group size
+        from lessons_lib.ep_vs_tp import measure_ep_vs_tp
+
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=8 * world_size)
+        r = measure_ep_vs_tp(cfg, tokens=2 * world_size, device=device, steps=1, warmup=0)
+        result = {name: [r[name]["counted_bytes"], r[name]["model_bytes"]] for name in ("ep", "tp")}
     elif p["mode"] == "bias":
         from lessons_lib.load_balancing import SigmoidBiasRouter, update_expert_bias
 

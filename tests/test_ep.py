@@ -78,3 +78,13 @@ def test_bias_update_uses_the_global_load_on_every_rank():
     every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "bias"}, stream=False, timeout=300).value
     # global loads 6 2 4 4, mean 4: the busy expert's bias goes down, the idle one's up, the average ones stay
     assert every == [[-0.5, 0.5, 0.0, 0.0]] * 2
+
+
+@pytest.mark.parametrize("nproc", [4, 8])
+def test_ep_and_tp_bytes_equal_the_model_at_group_sizes_4_and_8(nproc):
+    r = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "ep_vs_tp"}, stream=False, timeout=300).value
+    # fp32 (4 bytes), h 16, T = 2N tokens per rank, k = 2: EP dispatch + combine 2·T·k·h·4·(N-1)/N,
+    # TP a ring all-reduce of [T, h]: 2·(N-1)/N·T·h·4
+    T, N = 2 * nproc, nproc
+    assert r["ep"] == [2 * T * 2 * 16 * 4 * (N - 1) / N] * 2
+    assert r["tp"] == [2 * (N - 1) / N * T * 16 * 4] * 2
