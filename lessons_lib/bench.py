@@ -209,11 +209,14 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
         return
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
-    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
-                                                     "aten::_local_scalar_dense"))
+    # a host sync is where the CPU waits for the GPU: .item(), .tolist(), a device-to-host copy all end in one of these
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    text = (f"{dispatcher} + {experts}, {tokens} tokens per rank, {steps} training steps\n"
-            f"device kernels per step: {kernels / steps:.0f}; host syncs (item/synchronize) per step: {syncs / steps:.0f}\n\n"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    text = (f"{where} × {dist.get_world_size()}, torch {torch.__version__}, {datetime.date.today().isoformat()}\n"
+            f"{dispatcher} + {experts}, {tokens} tokens per rank, {steps} training steps\n"
+            f"device kernels per step: {kernels / steps:.0f}; host syncs (cudaStream/DeviceSynchronize) per step: "
+            f"{syncs / steps:.1f}\n\n"
             + events.table(sort_by=sort, row_limit=25) + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
     Path(path).write_text(text)
 

@@ -53,8 +53,9 @@ class MoEConfig:
         the rest are dropped and add nothing.
     drop_policy: which pairs an expert keeps when it is over capacity: "probs" (highest routing
         weight first) or "position" (first in token order).
-    pad_to_capacity: pad every expert's rows to exactly C, so every shape (and every all-to-all
-        split size) is fixed, at the cost of computing and sending the padding.
+    pad_to_capacity: pad every expert's rows to exactly C, so every shape is fixed (and, when every
+        rank has the same T, every all-to-all split size), at the cost of computing and sending the
+        padding. The course's alltoall dispatcher still exchanges counts and syncs once per step.
     dtype: parameter dtype, "float32", "bfloat16" or "float16" (the router always scores in fp32).
     seed: the seed the weights are drawn from; the same seed gives the same layer
         on any number of ranks (see `lessons_lib.init`).

@@ -78,7 +78,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         self.traffic = Traffic()
         N, E_local = self.world_size, self.num_local_experts
         rows = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
-        real_sent = count_per_expert(rows.expert // E_local, N, weights=rows.real)  # real rows per destination
+        real_sent = count_per_expert(rows.expert // E_local, N, mask=rows.real)  # real rows per destination
 
         recv = self._first_exchange(rows.counts, 0, real_sent)
         recv_counts = recv[:, :E_local]

@@ -46,10 +46,11 @@ class Rows:
 
 
 def rows_by_expert(routing: Routing, cfg: MoEConfig) -> Rows:
-    """Flatten the [T, k] routing into rows and group them by expert, token order inside a group.
+    """Flatten the [T, k] routing into rows and group them by expert, in token order inside a group.
 
     With cfg.capacity_factor (lesson 05), each expert keeps at most C of this rank's rows
-    (`capacity.select_within_capacity`), padded to exactly C with cfg.pad_to_capacity.
+    (`capacity.select_within_capacity`), padded to exactly C with cfg.pad_to_capacity; with the
+    "probs" policy a group is then in order of weight, highest first.
     """
     T, k = routing.expert_ids.shape
     E = cfg.num_experts
@@ -129,6 +130,7 @@ def weighted_sum_by_token(out: torch.Tensor, rows: Rows, weights: torch.Tensor) 
     else:  # dropped pairs stay zero; padding rows land in one spare row, cut off after
         sink = torch.where(rows.real, rows.pair, T * k)
         by_pair = out.new_zeros(T * k + 1, H).index_copy(0, sink, out)[: T * k]
-    # Each token: [1, k] weights @ [k, H] rows. One batched matmul reads every row once, and
-    # accumulates the k products in fp32 inside the GEMM even for a bf16 layer.
+    # Each token: [1, k] weights @ [k, H] rows. One batched matmul reads every row once and sums the
+    # k products in fp32 inside the GEMM. The weights are rounded to the layer's dtype first: for bf16
+    # about 4e-3 relative error, twice that of an fp32 combine, which would copy every row to fp32.
     return torch.bmm(weights.to(out.dtype).view(T, 1, k), by_pair.view(T, k, H)).view(T, H)

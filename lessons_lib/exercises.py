@@ -39,14 +39,15 @@ class Exercise:
     hint: str
     reference: Callable
     cases: Callable[[], list]  # [(case name, args tuple)]
+    collective: bool = False  # runs on every rank of a process group: the ranks must agree case by case
 
 
 EXERCISES: dict[str, Exercise] = {}
 
 
-def _exercise(key: str, title: str, hint: str, cases: Callable[[], list]):
+def _exercise(key: str, title: str, hint: str, cases: Callable[[], list], collective: bool = False):
     def register(reference):
-        EXERCISES[key] = Exercise(key.split(".")[0], title, hint, reference, cases)
+        EXERCISES[key] = Exercise(key.split(".")[0], title, hint, reference, cases, collective)
         return reference
     return register
 
@@ -94,25 +95,50 @@ def _clone(args):
 
 def run_check(key: str, fn: Callable) -> dict:
     """Run `fn` on every case of exercise `key`: {"exercise", "status": passed | failed | not implemented,
-    "message"}. Prints nothing; `check` prints, `report` prints a result computed on other ranks."""
+    "message"}. Prints nothing; `check` prints, `report` prints a result computed on other ranks.
+    A collective exercise runs on every rank, and the ranks agree after each case whether to go on, so
+    an answer that is wrong on one rank only stops them all instead of leaving the others waiting."""
     ex = EXERCISES[key]
     cases = ex.cases()
     for name, args in cases:
         expected = ex.reference(*_clone(args))
-        try:
-            got = fn(*_clone(args))
-        except NotImplementedError:
-            return {"exercise": key, "status": "not implemented",
-                    "message": f"not implemented yet: write it, run this cell again (stuck? hint({key!r}))"}
-        except Exception as e:  # the student's code broke: say where, do not stop the notebook
-            return {"exercise": key, "status": "failed",
-                    "message": f"case {name!r} raised {type(e).__name__}: {e}\n  inputs:   {_short(args)}"}
-        problem = _differs(expected, got)
-        if problem:
-            return {"exercise": key, "status": "failed",
-                    "message": f"case {name!r}: {problem}\n  inputs:   {_short(args)}\n"
-                               f"  expected: {_short(expected)}\n  got:      {_short(got)}"}
+        result = _one_case(key, fn, name, args, expected)
+        if ex.collective:
+            result = _agree(key, name, result)
+        if result is not None:
+            return result
     return {"exercise": key, "status": "passed", "message": f"all {len(cases)} cases pass"}
+
+
+def _one_case(key, fn, name, args, expected) -> dict | None:
+    try:
+        got = fn(*_clone(args))
+    except NotImplementedError:
+        return {"exercise": key, "status": "not implemented",
+                "message": f"not implemented yet: write it, run this cell again (stuck? hint({key!r}))"}
+    except Exception as e:  # the student's code broke: say where, do not stop the notebook
+        return {"exercise": key, "status": "failed",
+                "message": f"case {name!r} raised {type(e).__name__}: {e}\n  inputs:   {_short(args)}"}
+    problem = _differs(expected, got)
+    if problem:
+        return {"exercise": key, "status": "failed",
+                "message": f"case {name!r}: {problem}\n  inputs:   {_short(args)}\n"
+                           f"  expected: {_short(expected)}\n  got:      {_short(got)}"}
+    return None
+
+
+def _agree(key, name, result: dict | None) -> dict | None:
+    """Every rank learns the worst outcome of this case (0 passed, 1 failed, 2 not implemented)."""
+    code = {None: 0, "failed": 1, "not implemented": 2}[result and result["status"]]
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.tensor([code], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.item() == 0:
+        return None
+    if result is not None:
+        return result
+    status = "not implemented" if flags.item() == 2 else "failed"
+    return {"exercise": key, "status": status, "message": f"case {name!r} failed on another rank (this one was right)"}
 
 
 def report(result: dict) -> bool:
@@ -265,7 +291,7 @@ def _alltoall_cases():
 @_exercise("03.3", "the backward of the all-to-all",
            "each received row's gradient goes back where the row came from: the same all_to_all_single "
            "with the two split lists swapped (output: in_splits rows, from grad with out_splits).",
-           _alltoall_cases)
+           _alltoall_cases, collective=True)
 def alltoall_backward(grad: torch.Tensor, in_splits: list, out_splits: list) -> torch.Tensor:
     """Forward sent in_splits[j] rows to rank j and received out_splits[j] from it; grad is the
     gradient of what was received. Returns the gradient of what was sent."""

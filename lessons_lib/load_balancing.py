@@ -116,6 +116,9 @@ def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float],
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
     hot = list(experts_of_rank(cfg.num_experts, 0, N))
+    if cfg.top_k > len(hot):
+        raise ValueError(f"a steered token sends its top_k={cfg.top_k} pairs to rank 0's {len(hot)} experts: "
+                         f"needs top_k <= num_experts / ranks")
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(tokens, cfg.hidden_dim, generator=g)
     target = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
@@ -127,7 +130,8 @@ def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float],
         with torch.no_grad():  # feature 0 is 1 on the steered tokens; it pulls them to rank 0's experts
             layer.router.weight[:, 0] = 0.0
             layer.router.weight[hot, 0] = 30.0
-        steered = round(tokens * (h - 1 / N) / (1 - 1 / N))  # free tokens send 1/N of their pairs to rank 0
+        # free tokens send 1/N of their pairs to rank 0, steered ones all of them
+        steered = tokens if N == 1 else round(tokens * (h - 1 / N) / (1 - 1 / N))
         xs = x.clone()
         xs[:, 0] = 0.0
         xs[:steered, 0] = 1.0

@@ -35,13 +35,13 @@ class Routing:
         return count_per_expert(self.expert_ids.flatten(), num_experts)
 
 
-def count_per_expert(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[E] int64: how many entries of `ids` are each expert (or the sum of their `weights`).
+def count_per_expert(ids: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] int64: how many entries of `ids` are each expert (only those where `mask` is True, if given).
 
     `torch.bincount` would do, but on a GPU it copies the largest id back to the CPU to size its
     output: a host synchronisation, which stalls the GPU. A scatter-add into E zeros needs none.
     """
-    ones = torch.ones_like(ids) if weights is None else weights.long()
+    ones = torch.ones_like(ids) if mask is None else mask.long()
     return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
 
 

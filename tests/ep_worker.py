@@ -178,8 +178,13 @@ def main():
             dist.all_to_all_single(out, grad.contiguous(), out_splits, in_splits)
             return out
 
+        def wrong_on_rank_1(grad, in_splits, out_splits):  # the other ranks must not hang in the next case
+            out = alltoall_backward(grad, in_splits, out_splits)
+            return out + 1 if rank == 1 and out.numel() else out
+
         statuses = {name: run_check("03.3", fn)["status"] for name, fn in
-                    (("solution", alltoall_backward), ("stub", stub), ("forward instead of backward", forward_instead))}
+                    (("solution", alltoall_backward), ("stub", stub), ("forward instead of backward", forward_instead),
+                     ("wrong on one rank", wrong_on_rank_1))}
         every = [None] * world_size
         dist.all_gather_object(every, statuses)
         assert all(s == every[0] for s in every), every

@@ -108,7 +108,9 @@ def test_padded_rows_are_static_and_carry_nothing():
         x = torch.randn(10, 8, generator=torch.Generator().manual_seed(seed))
         rows = rows_by_expert(layer.router(x), layer.cfg)
         assert rows.counts.tolist() == [5, 5, 5, 5] and len(rows.token) == 20
-        assert (rows.pair[~rows.real] == -1).all() and (rows.token[~rows.real] == 0).all() and rows.real.sum() <= 20
+        demand = layer.router(x).tokens_per_expert(4)
+        assert rows.real.sum() == demand.clamp(max=5).sum() < 20  # real rows: min(n_e, C) per expert; the rest padding
+        assert (rows.pair[~rows.real] == -1).all() and (rows.token[~rows.real] == 0).all()
         assert not rows.every_pair
         assert (rows.expert == torch.arange(4).repeat_interleave(5)).all()
 

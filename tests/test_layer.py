@@ -120,12 +120,12 @@ def test_rank_and_size_needs_an_initialized_process_group():
         rank_and_size()
 
 
-def test_count_per_expert_matches_bincount_and_takes_weights():
+def test_count_per_expert_matches_bincount_and_takes_a_mask():
     from lessons_lib.router import count_per_expert
 
     ids = torch.tensor([3, 0, 3, 1, 3])
     assert count_per_expert(ids, 5).tolist() == torch.bincount(ids, minlength=5).tolist() == [1, 1, 0, 3, 0]
-    assert count_per_expert(ids, 5, weights=torch.tensor([True, False, True, True, False])).tolist() == [0, 1, 0, 2, 0]
+    assert count_per_expert(ids, 5, mask=torch.tensor([True, False, True, True, False])).tolist() == [0, 1, 0, 2, 0]
 
 
 def test_permute_sends_each_gradient_back_to_its_row():
