@@ -118,7 +118,6 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
     No training step of this layer can take less than their sum on this machine.
     """
     device = next(layer.parameters()).device
-    dtype = layer.cfg.torch_dtype
     params = [torch.nn.Parameter(p.detach().clone()) for p in layer.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
