@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from .config import MoEConfig
 from .experts import activate
 from .experts_batched import BmmExperts, GroupedExperts, flops_per_row
 from .layer import EXPERT_BANKS
+from .timing import median, timed_runs
 
 BANKS = ("loop", "bmm", "grouped")
 
@@ -49,22 +48,8 @@ def routed_counts(num_experts: int, rows: int, skew: float = 0.0, hot: int = 2) 
 
 
 def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms of fn() on this process alone (CUDA events on a GPU)."""
+    return median(timed_runs(fn, repeats, warmup, device, collective=False))
 
 
 def gemm_rate(rows: int, hidden: int, ffn: int, device=None, dtype=torch.float32, repeats: int = 20) -> float:

@@ -113,6 +113,13 @@ class AllGatherState:
     weights: torch.Tensor  # [T, k] the routing weights
 
 
+def rows_of_experts(expert: torch.Tensor, experts: range) -> torch.Tensor:
+    """Positions of the rows whose expert is in `experts` (padding rows have expert -1), bucketed by
+    expert with a stable sort, so gather order is kept inside a bucket."""
+    keep = torch.nonzero((expert >= experts.start) & (expert < experts.stop)).squeeze(1)
+    return keep[torch.argsort(expert[keep], stable=True)]
+
+
 class AllGatherDispatcher(ExpertParallelDispatcher):
     """Gather every rank's padded rows, keep this rank's; return results by reduce_scatter."""
 
@@ -146,10 +153,8 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         _all_gather(gathered_meta, meta, group=self.group)
 
         expert = gathered_meta[:, 0]
-        keep = torch.nonzero((expert >= self.experts.start) & (expert < self.experts.stop)).squeeze(1)
-        local = expert[keep] - self.experts.start
-        keep = keep[torch.argsort(local, stable=True)]  # bucket by local expert, gather order inside
-        counts = count_per_expert(local, self.num_local_experts)
+        keep = rows_of_experts(expert, self.experts)
+        counts = count_per_expert(expert[keep] - self.experts.start, self.num_local_experts)
 
         row_bytes = H * x.element_size()
         needed_elsewhere = int((rows.real & (rows.expert // self.num_local_experts != self.rank)).sum())

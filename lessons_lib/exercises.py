@@ -195,11 +195,9 @@ def _g(seed: int) -> torch.Generator:
                     ("no tokens", (torch.zeros(0, 8), 2, True))])
 def topk_routing(logits: torch.Tensor, k: int, normalize: bool):
     """logits [T, E] -> (weights [T, k], expert ids [T, k]), best expert first."""
-    probs = logits.softmax(dim=-1)
-    weights, ids = probs.topk(k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    from .router import top_k
+
+    return top_k(logits.softmax(dim=-1), k, normalize)
 
 
 @_exercise("01.2", "combine: the weighted sum of each token's rows",
@@ -231,8 +229,9 @@ def _gathered_experts(seed, n, E, pad):
                     ("one hot expert", (torch.tensor([5, 5, 2, 5, -1, -1]), 4, 8))])
 def rows_of_rank(gathered_expert: torch.Tensor, first: int, last: int) -> torch.Tensor:
     """Positions of the rows whose expert is in first..last-1, grouped by expert, gather order inside."""
-    keep = torch.nonzero((gathered_expert >= first) & (gathered_expert < last)).squeeze(1)
-    return keep[torch.argsort(gathered_expert[keep], stable=True)]
+    from .dispatch_allgather import rows_of_experts
+
+    return rows_of_experts(gathered_expert, range(first, last))
 
 
 @_exercise("02.2", "bytes each rank sends with a padded all_gather",
@@ -257,8 +256,9 @@ def allgather_sent_bytes(rows_per_rank: list, row_bytes: int) -> list:
                     ("no rows", (torch.zeros(0, dtype=torch.long), 8, 2))])
 def split_sizes(expert_ids: torch.Tensor, num_experts: int, world_size: int) -> list:
     """[rows for rank 0, rows for rank 1, …] for rows whose experts are `expert_ids`."""
-    dest = expert_ids // (num_experts // world_size)
-    return torch.bincount(dest, minlength=world_size).tolist()
+    from .router import count_per_expert
+
+    return count_per_expert(expert_ids // (num_experts // world_size), world_size).tolist()
 
 
 @_exercise("03.2", "the stable permutation that groups rows by destination rank, and its inverse",
@@ -269,10 +269,10 @@ def split_sizes(expert_ids: torch.Tensor, num_experts: int, world_size: int) -> 
                     ("no rows", (torch.zeros(0, dtype=torch.long),))])
 def group_by_rank(dest: torch.Tensor):
     """(order, inverse): dest[order] is sorted, ties in their original order; x[order][inverse] == x."""
+    from .dispatch_local import inverse_permutation
+
     order = torch.argsort(dest, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return order, inverse
+    return order, inverse_permutation(order)
 
 
 def _alltoall_cases():
@@ -295,9 +295,9 @@ def _alltoall_cases():
 def alltoall_backward(grad: torch.Tensor, in_splits: list, out_splits: list) -> torch.Tensor:
     """Forward sent in_splits[j] rows to rank j and received out_splits[j] from it; grad is the
     gradient of what was received. Returns the gradient of what was sent."""
-    out = grad.new_empty(sum(in_splits), *grad.shape[1:])
-    dist.all_to_all_single(out, grad.contiguous(), in_splits, out_splits)
-    return out
+    from .dispatch_alltoall import AllToAll
+
+    return AllToAll.apply(grad, in_splits, out_splits)  # lesson 03's backward is exactly this exchange
 
 
 # ---------------------------------------------------------------- lesson 04
@@ -311,11 +311,9 @@ def alltoall_backward(grad: torch.Tensor, in_splits: list, out_splits: list) -> 
                     ("no rows", (torch.zeros(0, 2), torch.tensor([0, 0])))])
 def pad_groups(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [M, H] grouped by expert (counts[e] rows each) -> [E, max count, H], zero padded."""
-    E, M = len(counts), x.shape[0]
-    m_max = int(counts.max()) if E else 0
-    expert = torch.repeat_interleave(torch.arange(E), counts)
-    place = torch.arange(M) - (torch.cumsum(counts, 0) - counts)[expert]
-    return x.new_zeros(E, m_max, x.shape[1]).index_put((expert, place), x)
+    from .experts_batched import pad_by_expert
+
+    return pad_by_expert(x, counts)[0]
 
 
 @_exercise("04.2", "FLOPs bmm spends on padding",
@@ -368,14 +366,20 @@ def keep_mask(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, capa
                     ("balanced", (torch.tensor([0.3, -0.2]), torch.tensor([5.0, 5.0]), 0.5)),
                     ("from a bias", (torch.randn(6, generator=_g(0)), torch.rand(6, generator=_g(1)) * 10, 0.01))])
 def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
-    return bias + rate * torch.sign(load.mean() - load)
+    from .load_balancing import bias_step
+
+    return bias_step(bias, load, rate)
 
 
 @_exercise("06.2", "the router z-loss",
            "torch.logsumexp(logits, dim=-1), squared, averaged over the tokens.",
            lambda: [("random", (torch.randn(5, 8, generator=_g(0)),)), ("large logits", (10 * torch.randn(3, 4, generator=_g(1)),))])
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    from .load_balancing import router_z_loss
+    from .router import Routing
+
+    T = logits.shape[0]
+    return router_z_loss(Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), logits.softmax(-1), logits))
 
 
 @_exercise("06.3", "the Switch/GShard auxiliary loss, E · Σ f_i · P_i",

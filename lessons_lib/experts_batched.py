@@ -28,6 +28,16 @@ def flops_per_row(cfg: MoEConfig, ffn_dim: int | None = None) -> int:
     return 2 * cfg.hidden_dim * F * (3 if cfg.activation == "swiglu" else 2)
 
 
+def pad_by_expert(x: torch.Tensor, counts: torch.Tensor):
+    """x [M, H], grouped by expert (counts[e] rows each) -> (padded [E, max count, H] with zero rows,
+    expert [M] and slot [M]: where each row went, so that padded[expert, slot] == x)."""
+    E, M = len(counts), x.shape[0]
+    m_max = int(counts.max()) if E else 0  # the one host sync: the padded shape
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)  # group of each row
+    slot = torch.arange(M, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in it
+    return x.new_zeros(E, m_max, x.shape[1]).index_put((expert, slot), x), expert, slot
+
+
 class BmmExperts(ExpertBank):
     """Pad every expert's rows to the largest group, then one bmm per weight matrix."""
 
@@ -38,10 +48,8 @@ class BmmExperts(ExpertBank):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         E, M = self.num_local_experts, x.shape[0]
-        m_max = int(counts.max()) if E else 0  # the one host sync: the padded shape
-        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # group of each row
-        slot = torch.arange(M, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in it
-        padded = x.new_zeros(E, m_max, x.shape[1]).index_put((expert, slot), x)
+        padded, expert, slot = pad_by_expert(x, counts)
+        m_max = padded.shape[1]
         h3 = torch.bmm(padded, self.w3) if self.cfg.activation == "swiglu" else None
         y = torch.bmm(activate(torch.bmm(padded, self.w1), h3, self.cfg.activation), self.w2)
         per_row = flops_per_row(self.cfg, self.w1.shape[-1])

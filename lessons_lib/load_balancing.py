@@ -96,8 +96,13 @@ def update_expert_bias(router: SigmoidBiasRouter, tokens_per_expert: torch.Tenso
     load = tokens_per_expert.detach().to(router.expert_bias.device, torch.float32).clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(load, group=group)
-    router.expert_bias += rate * torch.sign(load.mean() - load)
+    router.expert_bias.copy_(bias_step(router.expert_bias, load, rate))
     return load
+
+
+def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """b + rate · sign(mean load − load): up for underloaded experts, down for overloaded, still when equal."""
+    return bias + rate * torch.sign(load.mean() - load)
 
 
 def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float], dispatcher: str = "alltoall",
@@ -111,7 +116,7 @@ def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float],
     """
     from .distributed import experts_of_rank, rank_and_size
     from .layer import MoELayer
-    from .timing import make_adamw, median, timed_runs
+    from .timing import median, train_step_times
 
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
@@ -119,9 +124,7 @@ def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float],
     if cfg.top_k > len(hot):
         raise ValueError(f"a steered token sends its top_k={cfg.top_k} pairs to rank 0's {len(hot)} experts: "
                          f"needs top_k <= num_experts / ranks")
-    g = torch.Generator().manual_seed(1000 + rank)
-    x = torch.randn(tokens, cfg.hidden_dim, generator=g)
-    target = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)
+    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(1000 + rank))
     out = []
     for h in hot_shares:
         if not 1 / N <= h <= 1:
@@ -140,15 +143,7 @@ def step_time_against_load(cfg: MoEConfig, tokens: int, hot_shares: list[float],
         load = aux.tokens_per_expert.clone()
         dist.all_reduce(load, group=group)
         per_rank = load.view(N, -1).sum(1).tolist()
-        opt = make_adamw(layer.parameters())
-
-        def step():
-            y, _ = layer(xs)
-            opt.zero_grad(set_to_none=True)
-            F.mse_loss(y.float(), target.float()).backward()
-            opt.step()
-
-        ms = median(timed_runs(step, steps, warmup, device, group))
+        ms = median(train_step_times(layer, tokens, steps, warmup, group, x=xs))
         out.append({"hot_share": h, "rows_per_rank": per_rank, "busiest_over_mean": max(per_rank) * N / sum(per_rank),
                     "step_ms": ms})
     return out

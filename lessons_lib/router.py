@@ -35,6 +35,14 @@ class Routing:
         return count_per_expert(self.expert_ids.flatten(), num_experts)
 
 
+def top_k(probs: torch.Tensor, k: int, normalize: bool):
+    """(weights [T, k], expert ids [T, k]), best first; with `normalize` the k weights sum to 1."""
+    weights, expert_ids = probs.topk(k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
 def count_per_expert(ids: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[E] int64: how many entries of `ids` are each expert (only those where `mask` is True, if given).
 
@@ -66,9 +74,7 @@ class TopKRouter(nn.Module):
         # Scores in fp32: a bf16 softmax over many experts flips near-ties in top-k.
         logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
-        weights, expert_ids = probs.topk(self.cfg.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, expert_ids = top_k(probs, self.cfg.top_k, self.cfg.norm_topk_prob)
         return Routing(expert_ids=expert_ids, weights=weights, probs=probs, logits=logits)
 
 

@@ -53,9 +53,9 @@ def make_adamw(params, lr: float = 1e-3) -> torch.optim.Optimizer:
 
 
 def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group=None, seed: int = 0,
-                     collective: bool | None = None) -> list[float]:
-    """Milliseconds per training step (forward, backward, AdamW) of `layer` on `tokens` random tokens,
-    the slowest rank's time for each of `steps` steps after `warmup` untimed ones.
+                     collective: bool | None = None, x: torch.Tensor | None = None) -> list[float]:
+    """Milliseconds per training step (forward, backward, AdamW) of `layer` on `tokens` random tokens
+    (or on the given inputs `x`), the slowest rank's time for each of `steps` steps after `warmup` untimed ones.
 
     collective: whether the ranks must agree on each step's time (default: when torch.distributed
     is initialized); every rank of `group` then has to call this together.
@@ -63,8 +63,9 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
     device = next(layer.parameters()).device
     dtype = layer.cfg.torch_dtype
     g = torch.Generator().manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
-    x = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
-    target = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
+    if x is None:
+        x = torch.randn(tokens, layer.cfg.hidden_dim, generator=g).to(device, dtype)
+    target = torch.randn(x.shape[0], layer.cfg.hidden_dim, generator=g).to(device, dtype)
     opt = make_adamw(layer.parameters())
 
     def step():
