@@ -51,10 +51,6 @@ def running_headless() -> bool:
 
 def sliders_available() -> bool:
     """Lesson 07: whether to draw ipywidgets sliders: a live notebook with ipywidgets installed."""
-    if running_headless():
-        return False
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return not running_headless() and importlib.util.find_spec("ipywidgets") is not None
