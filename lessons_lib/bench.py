@@ -10,7 +10,8 @@ Runs on any number of ranks (the world size comes from torchrun), CPU/gloo or GP
   scaling:   the realistic shape at 1k … 16k tokens per rank (time per token should stay flat).
 For each dispatcher × expert bank it measures, on every rank's own random tokens (balanced routing):
   fwd_bwd_ms     forward + backward, median over steps of the slowest rank (CUDA events on a GPU);
-  train_step_ms  forward + backward + fused AdamW (small shape only);
+  train_step_ms  forward + backward + fused AdamW (small shape only), next to its floor: the AdamW update
+                 alone + the dense FFN below (no training step of the layer can be faster);
   phases_ms      the forward split into route / dispatch / experts / combine (median, slowest rank);
   tokens_per_s, tflops_per_gpu (expert + router FLOPs, ×3 for forward + backward), mfu (dense bf16 peak);
   bytes sent per rank in dispatch and combine (counted by the dispatcher) and their bandwidth;
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from .config import MoEConfig
 from .experts_batched import flops_per_row
 from .layer import MoELayer
-from .timing import dense_ffn_ms, make_adamw, median, timed_runs
+from .timing import adamw_ms, dense_ffn_ms, make_adamw, median, timed_runs
 
 REALISTIC = MoEConfig(num_experts=64, top_k=8, hidden_dim=7168, ffn_dim=2048, activation="swiglu", dtype="bfloat16")
 SHAPES = {  # name: (config, tokens per rank to run)
@@ -163,13 +164,18 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
     return out
 
 
-def limits(cfg: MoEConfig, tokens: int, device, steps: int) -> dict:
-    """The machine's limits at this size: all-to-all bus bandwidth at the dispatch's bytes, dense FFN rate."""
+def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = False) -> dict:
+    """The machine's limits at this size: all-to-all bus bandwidth at the dispatch's bytes, dense FFN rate;
+    with `train_step`, also the AdamW update of a rank's share of the layer alone. A training step takes at
+    least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all)."""
     rows = tokens * cfg.top_k
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
     ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)
-    return {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms,
-            "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9}
+    out = {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms, "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9}
+    if train_step:
+        out["adamw_ms"] = adamw_ms(MoELayer(cfg, "alltoall", "grouped").to(device), steps, warmup=3)
+        out["step_floor_ms"] = out["adamw_ms"] + ms
+    return out
 
 
 def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, device, path, steps: int = 5,
@@ -268,13 +274,14 @@ def main(argv=None) -> None:
         "command": f"torchrun --nproc-per-node {N} -m lessons_lib.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "peak_tflops": peak_tflops(device), "runs": [], "limits": {},
     }
+    train_step = args.shape == "small"
     for tokens in sizes:
-        record["limits"][str(tokens)] = limits(cfg, tokens, device, args.steps)
+        record["limits"][str(tokens)] = limits(cfg, tokens, device, args.steps, train_step)
     for d in args.dispatchers:
         for e in args.experts:
             layer = MoELayer(cfg, d, e).to(device)  # built once: a realistic layer takes seconds to draw
             for tokens in sizes:
-                run = bench_one(layer, d, e, tokens, args.steps, args.warmup, train_step=args.shape == "small")
+                run = bench_one(layer, d, e, tokens, args.steps, args.warmup, train_step)
                 record["runs"].append(run)
                 if rank == 0:
                     print(json.dumps(run), flush=True)
@@ -296,17 +303,18 @@ def markdown(record: dict) -> str:
     """The record as a markdown table, with its device, torch version, date and command."""
     lines = [f"{record['device']} × {record['world_size']} ({record['backend']}), torch {record['torch']}, "
              f"{record['date']}, shape {record['shape']}", f"`{record['command']}`", "",
-             "| dispatcher | experts | tokens/rank | fwd+bwd ms | step ms | µs/token | TFLOP/s/GPU | MFU | "
+             "| dispatcher | experts | tokens/rank | fwd+bwd ms | step ms | step floor ms | µs/token | TFLOP/s/GPU | MFU | "
              "route / dispatch / experts / combine ms (fwd) | dispatch GB/s | combine GB/s | a2a busbw GB/s | "
              "dense FFN TFLOP/s | peak GB |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 16]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in record["runs"]:
         lim = record["limits"][str(r["tokens_per_rank"])]
         p = r["phases_ms"]
         lines.append(
             f"| {r['dispatcher']} | {r['experts']} | {r['tokens_per_rank']} | {r['fwd_bwd_ms']:.3g} | "
-            f"{fmt(r.get('train_step_ms'), '.3g')} | {r['us_per_token']:.3g} | {r['tflops_per_gpu']:.3g} | "
+            f"{fmt(r.get('train_step_ms'), '.3g')} | {fmt(lim.get('step_floor_ms'), '.3g')} | "
+            f"{r['us_per_token']:.3g} | {r['tflops_per_gpu']:.3g} | "
             f"{fmt(r['mfu'] and 100 * r['mfu'], '.0f')}{'%' if r['mfu'] else ''} | "
             f"{p['route']:.3g} / {p['dispatch']:.3g} / {p['experts']:.3g} / {p['combine']:.3g} | "
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "

@@ -10,6 +10,8 @@ receive every token. With capacity factor c, each expert accepts at most
 The pairs past C are dropped: they add nothing to their token's output, which keeps its other
 experts and, in a transformer, the residual path. Which pairs go is the drop policy:
 "probs" keeps an expert's highest-weight pairs, "position" its first pairs in token order.
+"probs" ranks the final routing weights, after top-k normalization: with top_k = 1 and normalized
+weights every weight is 1, and it keeps what "position" keeps.
 
 Padding every expert's rows to exactly C fixes every shape: the price is computing and sending
 the empty slots. The drop decisions are made where the tokens are, before any communication,
@@ -54,12 +56,13 @@ def select_within_capacity(expert: torch.Tensor, weight: torch.Tensor, num_exper
     first_row = torch.cumsum(counts, 0) - counts  # where each expert's group starts in `order`
     place = torch.arange(len(order), device=expert.device) - first_row[expert[order]]  # 0, 1, … within the group
     fits = place < capacity
-    kept = order[fits]
     if not pad:
-        return kept, counts.clamp(max=capacity)
-    pick = torch.full((num_experts * capacity,), -1, dtype=torch.long, device=expert.device)
-    pick[expert[kept] * capacity + place[fits]] = kept
-    return pick, torch.full_like(counts, capacity)
+        return order[fits], counts.clamp(max=capacity)  # how many rows fit decides the shape
+    # Padded, the shape is fixed: each row goes to its slot expert·C + place, or, if it does not fit, to one
+    # spare slot cut off after. No boolean-mask indexing, so on a GPU no wait for the data-dependent size.
+    slot = torch.where(fits, expert[order] * capacity + place, num_experts * capacity)
+    pick = torch.full((num_experts * capacity + 1,), -1, dtype=torch.long, device=expert.device)
+    return pick.scatter_(0, slot, order)[:-1], torch.full_like(counts, capacity)
 
 
 def dropped_pairs(tokens_per_expert: torch.Tensor, capacity: int | None) -> torch.Tensor:

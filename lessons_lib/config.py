@@ -47,7 +47,7 @@ class MoEConfig:
         (DeepSeek-V3 uses 2.5).
     num_groups, topk_groups: "sigmoid_bias" only: group-limited selection. The experts form
         num_groups equal groups; a token may only choose experts from its topk_groups best
-        groups (a group's score: the sum of its 2 best scores). None keeps every group.
+        groups (a group's score: the sum of its 2 best scores s + b). None keeps every group.
     capacity_factor: lesson 05. None: dropless. Otherwise each expert takes at most
         C = ceil(k·T/E · capacity_factor) (token, slot) pairs from the T tokens of one rank;
         the rest are dropped and add nothing.

@@ -14,7 +14,8 @@ keep the load even:
 
 `SigmoidBiasRouter` is DeepSeek-V3's router, with its group-limited selection: experts form
 G groups, and a token may only pick experts in its best few groups (a group's score is the sum
-of its two best scores), which under EP bounds how many ranks (or nodes) a token is sent to.
+of its two best scores s + b, so the bias steers groups too), which under EP bounds how many ranks
+(or nodes) a token is sent to.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from .router import Routing
 def allowed_by_group(scores: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
     """[T, E] bool: the experts in each token's `topk_groups` best groups of `num_groups`.
 
-    A group's score is the sum of its 2 best scores (its best one if it has a single expert).
+    A group's score is the sum of its 2 best scores (its best one if it has a single expert); the router
+    passes s + b, so the balancing bias also decides which groups win.
     """
     T, E = scores.shape
     per_group = scores.view(T, num_groups, E // num_groups)

@@ -119,12 +119,20 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
     No training step of this layer can take less than their sum on this machine.
     """
     device = next(layer.parameters()).device
+    return {"adamw_ms": adamw_ms(layer, steps, warmup, group),
+            "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group)}
+
+
+def adamw_ms(layer, steps: int = 30, warmup: int = 5, group=None) -> float:
+    """Median ms of one fused AdamW update of copies of this rank's parameters of `layer`, gradients present:
+    a floor for any training step of it (on a CPU this pass over weights, gradients and two moments is
+    bound by memory bandwidth)."""
+    device = next(layer.parameters()).device
     params = [torch.nn.Parameter(p.detach().clone()) for p in layer.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = make_adamw(params)
-    adamw_ms = median(timed_runs(opt.step, steps, warmup, device, group))
-    return {"adamw_ms": adamw_ms, "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group)}
+    return median(timed_runs(opt.step, steps, warmup, device, group))
 
 
 def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None) -> float:

@@ -86,8 +86,9 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
     bias_rate > 0 (a "sigmoid_bias" router): after each optimizer step, DeepSeek-V3's
     aux-loss-free bias update with that rate (`load_balancing.update_expert_bias`, lesson 06).
     Every step draws `tokens` fresh tokens; `rank` offsets the data seed so the ranks of an
-    expert-parallel run see different data. With `group`, the logged losses are averaged
-    and the tokens per expert summed over the group, so every rank logs the global view.
+    expert-parallel run see different data. With `group`, the router's gradient is summed over
+    the group (the experts' is already), so every rank keeps the same router; the logged losses are
+    averaged and the tokens per expert summed over the group, so every rank logs the global view.
     """
     if steps <= 0 or tokens < 0:
         raise ValueError(f"train needs steps > 0 and tokens >= 0, got steps={steps}, tokens={tokens}")
@@ -108,6 +109,11 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
         task_loss = F.mse_loss(y.float(), target.float())
         opt.zero_grad(set_to_none=True)
         (task_loss + aux_coef * aux.aux_loss + z_coef * aux.z_loss).backward()
+        if group is not None and not getattr(layer.dispatcher, "replicated_tokens", False):
+            # Every rank holds a copy of the router, and its gradient came from this rank's tokens only
+            # (the experts' gradients already came back from every rank through the all-to-all): sum it,
+            # or the copies drift apart.
+            dist.all_reduce(layer.router.weight.grad, group=group)
         opt.step()
         if bias_rate:
             update_expert_bias(layer.router, aux.tokens_per_expert, bias_rate, group)

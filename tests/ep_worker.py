@@ -204,6 +204,18 @@ def main():
         every = [None] * world_size
         dist.all_gather_object(every, router.expert_bias.tolist())
         result = every
+    elif p["mode"] == "train_ep":  # toy.train under EP: the replicated router and bias stay the same everywhere
+        from lessons_lib.toy import ToyTask, train
+
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias")
+        layer = MoELayer(cfg, "alltoall").to(device)
+        train(layer, ToyTask(16), steps=10, tokens=16, bias_rate=0.01, rank=rank, group=dist.group.WORLD,
+              progress=False)
+        every = [None] * world_size
+        dist.all_gather_object(every, [layer.router.weight.detach().cpu(), layer.router.expert_bias.cpu()])
+        result = {"router_moved": (every[0][0] - MoELayer(cfg).router.weight).abs().max().item(),
+                  "router_diff": max((w - every[0][0]).abs().max().item() for w, _ in every),
+                  "bias_diff": max((b - every[0][1]).abs().max().item() for _, b in every)}
     elif p["mode"] == "ep_dp":
         from lessons_lib.equivalence import compare_ep_dp_step
 

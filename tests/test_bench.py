@@ -29,7 +29,9 @@ def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
             assert r["bytes_sent"]["dispatch"] == (nproc - 1) * 8 * k * H * 4
         else:  # only rows for other ranks' experts, at most all 8·k of them
             assert r["bytes_sent"]["dispatch"] <= 8 * k * H * 4 * (nproc > 1)
-    a2a = record["limits"]["8"]["alltoall"]
+    lim = record["limits"]["8"]
+    assert lim["adamw_ms"] > 0 and lim["step_floor_ms"] == lim["adamw_ms"] + lim["dense_ffn_fwd_bwd_ms"]
+    a2a = lim["alltoall"]
     assert a2a["bytes_per_rank"] == 8 * k * H * 4 and (a2a["busbw_gbps"] is None) == (nproc == 1)
     table = out.with_suffix(".md").read_text()
     assert table == markdown(record) and "| alltoall | grouped | 8 |" in table

@@ -14,7 +14,6 @@ def test_capacity_formula_is_exact():
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.25), 32) == 5
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.0), 33) == 5  # 4.125 -> 5
     # 50 · 1.1 is 55.00000000000001 in floats: a float ceil would give 56
-    assert math.ceil(2 * 50 / 2 * 1.1) == 56
     assert expert_capacity(MoEConfig(num_experts=2, top_k=2, capacity_factor=1.1), 50) == 55
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2), 32) is None
     assert expert_capacity(MoEConfig(num_experts=16, top_k=2, capacity_factor=1.0), 0) == 0
@@ -39,6 +38,18 @@ def test_padding_fills_every_expert_to_capacity():
     assert pick.tolist() == [2, 3, 0, 1, 4, -1, -1, -1, -1] and counts.tolist() == [3, 3, 3]
     counts_in = torch.bincount(EXPERT, minlength=3)
     assert padding_rows(counts_in, 3).item() == 4 and dropped_pairs(counts_in, 2).item() == 1
+
+
+@pytest.mark.parametrize("policy, kept", [("probs", [2, 3, 1, 4]), ("position", [0, 2, 1, 4])])
+def test_padding_with_drops_keeps_the_policys_rows(policy, kept):
+    # expert 0 wants 3 rows, capacity 2: the one left over must not land in a slot
+    pick, counts = select_within_capacity(EXPERT, WEIGHT, 3, capacity=2, policy=policy, pad=True)
+    assert pick.tolist() == kept + [-1, -1] and counts.tolist() == [2, 2, 2]
+
+
+def test_probs_policy_breaks_ties_by_token_order():
+    pick, _ = select_within_capacity(torch.zeros(4, dtype=torch.long), torch.full((4,), 0.5), 1, capacity=2)
+    assert pick.tolist() == [0, 1]
 
 
 def test_unknown_policy_is_refused():
@@ -125,3 +136,18 @@ def test_a_token_that_loses_every_expert_outputs_zero_and_gradients_flow():
     y.sum().backward()
     # every pair of a silent token was dropped, so nothing of it reaches y: zero gradient
     assert (x.grad[silent] == 0).all() and (x.grad[~silent] != 0).any()
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_edge_cases_through_the_layer(pad):
+    empty = _layer(capacity_factor=1.0, pad_to_capacity=pad)
+    y, aux = empty(torch.zeros(0, 8))
+    assert y.shape == (0, 8) and aux.capacity == 0 and aux.dropped.item() == 0
+    # top_k = E: every token picks every expert once, so C = ceil(k·T/E) = T holds them all
+    every = MoELayer(MoEConfig(num_experts=4, top_k=4, hidden_dim=8, ffn_dim=16, capacity_factor=1.0,
+                               pad_to_capacity=pad))
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    y, aux = every(x)
+    free = MoELayer(MoEConfig(num_experts=4, top_k=4, hidden_dim=8, ffn_dim=16))
+    assert aux.capacity == 6 and aux.dropped.item() == 0
+    torch.testing.assert_close(y, free(x)[0], rtol=1e-5, atol=1e-6)

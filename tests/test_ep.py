@@ -80,6 +80,12 @@ def test_bias_update_uses_the_global_load_on_every_rank():
     assert every == [[-0.5, 0.5, 0.0, 0.0]] * 2
 
 
+def test_training_under_ep_keeps_the_replicated_router_identical():
+    r = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "train_ep"}, stream=False, timeout=300).value
+    assert r["router_moved"] > 1e-3  # it trained
+    assert r["router_diff"] == 0.0 and r["bias_diff"] == 0.0
+
+
 @pytest.mark.parametrize("nproc", [4, 8])
 def test_ep_and_tp_bytes_equal_the_model_at_group_sizes_4_and_8(nproc):
     r = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "ep_vs_tp"}, stream=False, timeout=300).value

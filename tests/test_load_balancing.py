@@ -55,6 +55,20 @@ def test_group_limited_selection_scores_a_group_by_its_two_best():
     assert r_free(logits).expert_ids.tolist() == [[3, 0]]
 
 
+def test_the_bias_also_decides_which_group_wins():
+    # same scores as above: group 0 wins on scores alone (1.7 vs 1.05)
+    logits = torch.logit(torch.tensor([[0.9, 0.8, 0.05, 0.95, 0.1, 0.05]]))
+    r = SigmoidBiasRouter(MoEConfig(num_experts=6, top_k=2, hidden_dim=6, ffn_dim=4, router="sigmoid_bias",
+                                    num_groups=2, topk_groups=1))
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(6))
+        r.expert_bias.copy_(torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 0.0]))  # negative: group 0 scores -0.3
+    out = r(logits)
+    assert out.expert_ids.tolist() == [[3, 4]]  # group 1 wins; its experts are chosen on s + b
+    s3, s4 = 0.95, 0.1
+    torch.testing.assert_close(out.weights[0], torch.tensor([s3, s4]) / (s3 + s4))  # weighted by s alone
+
+
 def test_z_loss_is_the_mean_squared_logsumexp():
     logits = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
     routing = Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), logits.softmax(-1), logits)
@@ -78,7 +92,7 @@ def test_bias_update_moves_towards_the_underloaded_experts():
 def test_layer_reports_both_losses_with_the_deepseek_router():
     layer = MoELayer(MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias",
                                num_groups=4, topk_groups=1))
-    x = torch.randn(10, 16)
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(0))
     y, aux = layer(x)
     assert y.shape == (10, 16) and aux.aux_loss.item() > 0 and aux.z_loss.item() > 0
     (y.sum() + aux.aux_loss + aux.z_loss).backward()
