@@ -12,6 +12,8 @@ force the choices below while everything else stays random.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -56,10 +58,15 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
     return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, and inf where either holds a NaN or an inf: a NaN compares False with
+    every tolerance, so `error > tol` would let a NaN result pass a check."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare shapes {list(a.shape)} and {list(b.shape)}")
     if b.numel() == 0:
         return 0.0
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf
 
 
 def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: list[int]) -> torch.Tensor:
@@ -108,13 +115,13 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
         dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
     e = layer.experts.experts
     errors = {
-        "output": _rel(y, y_ref[lo:hi]),
-        "grad_input": _rel(x.grad, x_ref.grad[lo:hi]),
-        "grad_router.weight": _rel(router_grad, reference.router.weight.grad),
+        "output": relative_error(y, y_ref[lo:hi]),
+        "grad_input": relative_error(x.grad, x_ref.grad[lo:hi]),
+        "grad_router.weight": relative_error(router_grad, reference.router.weight.grad),
     }
     for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
         ref = layer.experts.shard(name, getattr(reference.experts, name).grad[e.start:e.stop])
-        errors[f"grad_experts.{name}"] = _rel(p.grad, ref)
+        errors[f"grad_experts.{name}"] = relative_error(p.grad, ref)
     worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(errors, worst.tolist()))
@@ -153,9 +160,9 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
     torch.optim.SGD(layer.parameters(), lr=lr).step()
 
     e = layer.experts.experts
-    errors = {"router.weight": _rel(layer.router.weight.detach(), reference.router.weight.detach())}
+    errors = {"router.weight": relative_error(layer.router.weight.detach(), reference.router.weight.detach())}
     for name, p in layer.experts.named_parameters():
-        errors[f"experts.{name}"] = _rel(p.detach(), getattr(reference.experts, name).detach()[e.start:e.stop])
+        errors[f"experts.{name}"] = relative_error(p.detach(), getattr(reference.experts, name).detach()[e.start:e.stop])
     # the step must have changed the weights, or equality would prove nothing
     moved = (reference.experts.w1.detach() - sd["experts.w1"]).abs().max().item()
     worst = torch.tensor(list(errors.values()) + [-moved], dtype=torch.float64, device=device)

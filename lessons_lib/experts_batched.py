@@ -62,12 +62,13 @@ _PROBED: dict = {}
 
 
 def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig,
-                       reference_ok: bool = False) -> tuple[bool, str]:
+                       reference_ok: bool = False, ffn_dim: int | None = None) -> tuple[bool, str]:
     """Whether `torch._grouped_mm` runs here (forward and backward) fast enough to use, and why not.
 
     Its fast kernel needs a CUDA GPU of compute capability 9.0+ (Hopper) and bf16. Elsewhere PyTorch
     has a slow reference kernel, used only with `reference_ok` (tests, and the lesson on a CPU).
-    Rows must be 16-byte aligned. Found out once per (device, dtype) by running a tiny grouped GEMM
+    Rows must be 16-byte aligned: H, and `ffn_dim`, the part of F the bank holds (default: all of it; a
+    tensor-parallel slice can be misaligned where F is not). Found out once per (device, dtype) by running a tiny grouped GEMM
     forward and backward, so a torch without the kernel falls back instead of failing mid-training.
     """
     if not hasattr(torch, "_grouped_mm"):
@@ -80,8 +81,9 @@ def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig,
             return False, f"{torch.cuda.get_device_name(device)} is older than Hopper (sm_90)"
         return False, f"the fast grouped GEMM kernel takes bfloat16, the layer is {dtype}"
     align = 16 // torch.empty(0, dtype=dtype).element_size()
-    if cfg.hidden_dim % align or cfg.ffn_dim % align:  # (a tensor-parallel slice of F must be aligned too)
-        return False, f"hidden_dim and ffn_dim must be multiples of {align} (16-byte aligned rows)"
+    F = cfg.ffn_dim if ffn_dim is None else ffn_dim
+    if cfg.hidden_dim % align or F % align:
+        return False, f"hidden_dim and the bank's ffn width ({F}) must be multiples of {align} (16-byte aligned rows)"
     key = (str(device), dtype)
     if key not in _PROBED:
         try:
@@ -112,7 +114,8 @@ class GroupedExperts(ExpertBank):
         self.path = "not run yet"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ok, why = grouped_mm_support(x.device, x.dtype, self.cfg, reference_ok=self.use_reference_kernel)
+        ok, why = grouped_mm_support(x.device, x.dtype, self.cfg, reference_ok=self.use_reference_kernel,
+                                     ffn_dim=self.w1.shape[-1])
         if not ok:
             self.path = f"loop fallback: {why}"
             return LoopExperts.forward(self, x, counts)

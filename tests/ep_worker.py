@@ -32,6 +32,10 @@ def equality_cases(N):
             yield dispatcher, bank, cfg, "random", [8] * N, "random"
             yield dispatcher, bank, cfg, "one_expert", [8] * N, "one_expert"
             yield dispatcher, bank, cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
+            yield dispatcher, bank, cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
+            yield dispatcher, bank, MoEConfig(**{**base, "top_k": 8}, activation="swiglu"), "top_k=E", [5] * N, "random"
+            if N > 1:  # empty groups on every rank but one
+                yield dispatcher, bank, cfg, "receives_nothing", [8] * N, "receives_nothing"
     for dispatcher in ("allgather", "alltoall"):
         for activation in ("gelu", "swiglu"):
             cfg = MoEConfig(**base, activation=activation)
@@ -83,7 +87,10 @@ def traffic_check(rank, N, device):
                         "useful": (leaving + arriving) * row}
         t = layer.dispatcher.traffic
         measured = {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}
-        out[name] = {"measured": measured, "expected": expected}
+        out[name] = {"measured": measured, "expected": expected, "received": {p: v.received for p, v in t.phases.items()}}
+        if name == "alltoall":  # what arrives: the rows other ranks route here, and their results back
+            out[name]["expected_received"] = {"dispatch": arriving * row, "combine": leaving * row,
+                                              "counts": (N - 1) * 6 * 8}
     out["alltoall, capacity 0.5, padded"] = padded_traffic(rank, N, tokens, device)
     every = [None] * N
     dist.all_gather_object(every, out)
@@ -109,7 +116,8 @@ def padded_traffic(rank, N, tokens, device):
                 "combine": sum(4 * C[s] for s in others) * row,
                 "useful": sum(kept[rank][d] + kept[d][rank] for d in others) * row}
     t = layer.dispatcher.traffic
-    return {"measured": {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}, "expected": expected}
+    return {"measured": {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}, "expected": expected,
+            "received": {p: v.received for p, v in t.phases.items()}}
 
 
 def main():
@@ -125,6 +133,20 @@ def main():
             rows.append({"dispatcher": dispatcher, "experts": bank, "activation": cfg.activation, "case": name,
                          "worst": max(errors.values()), "errors": errors})
         result = rows
+    elif p["mode"] == "subgroups":  # two independent groups of 2 ranks, each its own global batch
+        GroupedExperts.use_reference_kernel = True
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        group = pairs[rank // 2]
+        cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+        rows = []
+        for dispatcher, bank in (("allgather", "bmm"), ("alltoall", "grouped"), ("tp", "loop")):
+            tokens = [8, 8] if dispatcher == "tp" else [[3, 9], [0, 7]][rank // 2]
+            errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, group=group,
+                                                seed=rank // 2, device=device)
+            rows.append({"dispatcher": dispatcher, "group": rank // 2, "errors": errors})
+        every = [None] * world_size
+        dist.all_gather_object(every, rows)
+        result = [row for r in (0, 2) for row in every[r]]  # one rank of each group
     elif p["mode"] == "bad_input":
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
         messages = {}

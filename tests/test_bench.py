@@ -9,13 +9,27 @@ from conftest import REPO
 from lessons_lib.bench import SHAPES, layer_flops, markdown
 
 
+def _run_or_kill(cmd: list, timeout: float) -> None:
+    """Run torchrun; on a hang kill it and every rank (ranks live in sessions of their own), and fail with
+    what they printed, so that no orphan rank keeps the CI machine's 2 cores busy."""
+    from launcher.run import _kill_tree
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail(f"the benchmark hung for {timeout} s and was killed:\n{proc.stdout.read()[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+
+
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "lessons_lib.bench", "--shape", "small", "--tokens", "8", "--steps", "2", "--warmup", "1",
            "--experts", "loop", "grouped", "--out", str(out)]
-    subprocess.run(cmd, cwd=REPO, check=True, timeout=600, capture_output=True)
+    _run_or_kill(cmd, timeout=600)
     record = json.loads(out.read_text())
     assert record["world_size"] == nproc and record["backend"] == "gloo" and record["device"] == "cpu"
     assert [(r["dispatcher"], r["experts"]) for r in record["runs"]] == [

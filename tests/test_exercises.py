@@ -1,5 +1,6 @@
 """The exercise checker: the library's solutions pass, wrong answers fail naming the case, stubs do not crash."""
 import json
+import math
 
 import pytest
 import torch
@@ -25,6 +26,39 @@ def test_the_library_solution_passes_its_own_check(key, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert check(key, pick(key, None, solutions=True))
     assert json.loads((tmp_path / "exercise_results.json").read_text())[key]["status"] == "passed"
+
+
+T = torch.tensor
+# Each exercise's reference against a value worked out by hand: the checks compare students with the
+# references, so a wrong reference would fail right answers.
+KNOWN = {
+    "01.1": ((T([[0.1, 0.2, 0.3, 0.4]]).log(), 2, True), (T([[4 / 7, 3 / 7]]), T([[3, 2]]))),
+    "01.2": ((T([[1.0, 0], [0, 1], [2, 2]]), T([1, 1, 0]), T([0.5, 2.0, 1.0]), 3), T([[2.0, 2], [0.5, 2], [0, 0]])),
+    "02.1": ((T([5, 4, -1, 5, 6]), 4, 6), T([1, 0, 3])),
+    "02.2": (([5, 9, 2], 10), [180, 180, 180]),  # pad to 9 rows, send to 2 others
+    "03.1": ((T([0, 7, 3, 4, 4]), 8, 2), [2, 3]),
+    "03.2": ((T([2, 0, 1, 0]),), (T([1, 3, 2, 0]), T([3, 0, 2, 1]))),
+    "04.1": ((T([[1.0], [2], [3]]), T([1, 0, 2])), T([[[1.0], [0]], [[0], [0]], [[2], [3]]])),
+    "04.2": ((T([3, 1, 0]), 10), 50),  # 3 groups x 3 rows computed, 4 useful
+    "05.1": ((2, 50, 2, 1.1), 55),
+    "05.2": ((T([0, 1, 0, 0, 1]), T([0.1, 0.9, 0.5, 0.3, 0.2]), 3, 2, "probs"), T([False, True, True, True, True])),
+    "06.1": ((T([0.0, 0, 0, 0]), T([10.0, 2, 4, 4]), 0.1), T([-0.1, 0.1, 0.1, 0.1])),
+    "06.2": ((T([[0.0, 0], [1, 3]]),), T((math.log(2) ** 2 + math.log(math.e + math.e ** 3) ** 2) / 2)),
+    "06.3": ((T([[0], [0], [0], [1]]), T([[0.75, 0.25]] * 4)), T(2 * (0.75 ** 2 + 0.25 ** 2))),
+    "07.1": ((4, 1024, 2, 8, 2), 2 * 4 * 2 * 1024 * 2 * 7 / 8),
+    "07.2": ((32, 1024, 8, 2), 2 * 7 / 8 * 32 * 1024 * 2),
+}
+
+
+@pytest.mark.parametrize("key", SINGLE_PROCESS)
+def test_the_library_solution_gives_the_hand_worked_value(key):
+    args, expected = KNOWN[key]
+    torch.testing.assert_close(EXERCISES[key].reference(*args), expected, check_dtype=False)
+
+
+def test_the_position_policy_of_the_mask_exercise_by_hand():
+    got = EXERCISES["05.2"].reference(T([0, 1, 0, 0, 1]), T([0.1, 0.9, 0.5, 0.3, 0.2]), 3, 2, "position")
+    assert got.tolist() == [True, True, True, False, True]
 
 
 def test_a_stub_is_reported_not_implemented_without_raising(tmp_path, monkeypatch, capsys):

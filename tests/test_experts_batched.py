@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lessons_lib import MoEConfig, MoELayer
+from lessons_lib.equivalence import relative_error
 from lessons_lib.experts import LoopExperts
 from lessons_lib.experts_batched import BmmExperts, GroupedExperts, flops_per_row, grouped_mm_support
 
@@ -12,10 +13,6 @@ COUNTS = {
     "all in one group": [0, 0, 11, 0],
     "no rows at all": [0, 0, 0, 0],
 }
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
 @pytest.mark.parametrize("bank", [BmmExperts, GroupedExperts])
@@ -39,9 +36,9 @@ def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
     assert y1.shape == y0.shape
     if bank is GroupedExperts:
         assert b.path == "torch._grouped_mm (reference kernel)"
-    assert _rel(y1, y0) <= 1e-5 and _rel(gx1, gx0) <= 1e-5
+    assert relative_error(y1, y0) <= 1e-5 and relative_error(gx1, gx0) <= 1e-5
     for name in gw0:
-        assert _rel(gw1[name], gw0[name]) <= 1e-5, name
+        assert relative_error(gw1[name], gw0[name]) <= 1e-5, name
 
 
 def test_bmm_counts_its_padding_flops():
@@ -64,6 +61,17 @@ def test_grouped_bank_says_which_path_it_took():  # by default a CPU takes the l
     assert not ok and bank.path == f"loop fallback: {why}"
 
 
+def test_grouped_bank_falls_back_when_its_tensor_parallel_slice_is_misaligned(monkeypatch):
+    monkeypatch.setattr(GroupedExperts, "use_reference_kernel", True)
+    cfg = MoEConfig(num_experts=2, hidden_dim=16, ffn_dim=12, activation="swiglu")  # F aligned (fp32: 4)...
+    bank = GroupedExperts(cfg, range(2), ffn_slice=slice(0, 6))  # ...but a TP rank's 6 columns are not
+    loop = LoopExperts(cfg, range(2), ffn_slice=slice(0, 6))
+    loop.load_state_dict(bank.state_dict())
+    x, counts = torch.randn(5, 16), torch.tensor([2, 3])
+    torch.testing.assert_close(bank(x, counts), loop(x, counts))  # the grouped GEMM would have raised
+    assert bank.path.startswith("loop fallback") and "(6)" in bank.path
+
+
 @pytest.mark.parametrize("experts", ["bmm", "grouped"])
 def test_layer_with_each_bank_matches_the_loop_layer(experts, monkeypatch):
     monkeypatch.setattr(GroupedExperts, "use_reference_kernel", True)
@@ -72,7 +80,7 @@ def test_layer_with_each_bank_matches_the_loop_layer(experts, monkeypatch):
     y_loop, _ = MoELayer(cfg, experts="loop")(x)
     layer = MoELayer(cfg, experts=experts)
     y, _ = layer(x)
-    assert _rel(y, y_loop) <= 1e-5
+    assert relative_error(y, y_loop) <= 1e-5
     assert getattr(layer.experts, "path", "torch._grouped_mm (reference kernel)") == "torch._grouped_mm (reference kernel)"
 
 
@@ -96,8 +104,17 @@ def test_bf16_banks_on_gpu_stay_within_the_documented_tolerance(bank):
     y16, y32 = b16(x16, counts), b32(x32, counts)
     (y16 * g).sum().backward()
     (y32 * g.float()).sum().backward()
-    errors = {"output": _rel(y16.float(), y32), "grad_input": _rel(x16.grad.float(), x32.grad)}
+    errors = {"output": relative_error(y16.float(), y32), "grad_input": relative_error(x16.grad.float(), x32.grad)}
     for name, p in b16.named_parameters():
-        errors[name] = _rel(p.grad.float(), getattr(b32, name).grad)
+        errors[name] = relative_error(p.grad.float(), getattr(b32, name).grad)
     print(bank, getattr(b16, "path", ""), errors)
     assert max(errors.values()) <= BF16_TOLERANCE, errors
+
+
+def test_relative_error_never_lets_a_nan_pass():
+    b = torch.ones(3)
+    assert relative_error(torch.tensor([1.0, float("nan"), 1.0]), b) == float("inf")
+    assert relative_error(torch.tensor([1.0, float("inf"), 1.0]), b) == float("inf")
+    assert relative_error(torch.tensor([1.0, 1.5, 1.0]), b) == 0.5
+    with pytest.raises(ValueError, match="shapes"):
+        relative_error(torch.ones(2), b)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import nbformat
 import pytest
@@ -155,7 +156,9 @@ def test_unsaved_notebook_warning(nb, monkeypatch):
     fake = types.SimpleNamespace(user_ns={"_ih": ["", "order = ['first']"]})
     monkeypatch.setattr("IPython.get_ipython", lambda: fake)
     monkeypatch.setattr(launcher.magic, "EXECUTED", ['order.append("second")\ntext = """two\nlines"""'])
-    _warn_if_unsaved(cells)  # both cells ran as saved: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        _warn_if_unsaved(cells)  # both cells ran as saved: no warning
     monkeypatch.setattr(launcher.magic, "EXECUTED", ['order.append("an edit that was not saved")'])
     with pytest.warns(UserWarning, match=r"tagged cell\(s\) \[4\] .* save the notebook"):
         _warn_if_unsaved(cells)
