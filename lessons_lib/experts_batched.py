@@ -68,8 +68,9 @@ def grouped_mm_support(device: torch.device, dtype: torch.dtype, cfg: MoEConfig,
     Its fast kernel needs a CUDA GPU of compute capability 9.0+ (Hopper) and bf16. Elsewhere PyTorch
     has a slow reference kernel, used only with `reference_ok` (tests, and the lesson on a CPU).
     Rows must be 16-byte aligned: H, and `ffn_dim`, the part of F the bank holds (default: all of it; a
-    tensor-parallel slice can be misaligned where F is not). Found out once per (device, dtype) by running a tiny grouped GEMM
-    forward and backward, so a torch without the kernel falls back instead of failing mid-training.
+    tensor-parallel slice can be misaligned where F is not). Found out once per (device, dtype) by running
+    a tiny grouped GEMM forward and backward, so a torch without the kernel falls back instead of failing
+    mid-training.
     """
     if not hasattr(torch, "_grouped_mm"):
         return False, f"torch {torch.__version__} has no torch._grouped_mm"

@@ -59,7 +59,7 @@ def equality_cases(N):
             if dispatcher != "tp":
                 yield dispatcher, bank, cfg, f"{name}: uneven tokens", [8, 3, 12, 0][:N], "random"
     deepseek = MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=4, topk_groups=2, routed_scaling_factor=2.5)
-    for dispatcher in ("allgather", "alltoall"):  # lesson 06's router
+    for dispatcher in ("allgather", "alltoall", "tp"):  # lesson 06's router
         yield dispatcher, "grouped", deepseek, "sigmoid_bias, 2 of 4 groups", [8] * N, "random"
 
 

@@ -36,6 +36,8 @@ def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
         ("allgather", "loop"), ("allgather", "grouped"), ("alltoall", "loop"), ("alltoall", "grouped")]
     cfg = SHAPES["small"][0]
     H, k = cfg.hidden_dim, cfg.top_k
+    # by hand: router 2·T·H·E, then T·k rows through two [256, 1024] GEMMs of 2 FLOPs per multiply-add
+    assert layer_flops(cfg, 8) == 2 * 8 * 256 * 16 + 8 * 2 * (2 * 256 * 1024 * 2) == 16_842_752
     for r in record["runs"]:
         assert r["train_step_ms"] > 0 and set(r["phases_ms"]) == {"route", "dispatch", "experts", "combine"}
         assert r["tflops_per_gpu"] == pytest.approx(3 * layer_flops(cfg, 8) / r["fwd_bwd_ms"] / 1e9)

@@ -16,7 +16,7 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     cases_per_variant = 8 if nproc > 1 else 7
     bank_cases = 6 if nproc > 1 else 5  # bmm and grouped behind allgather and alltoall
     capacity_cases = 3 * (2 * 3 + 2)  # 3 policy/bank variants; allgather and alltoall: 3 cases each, tp: 2
-    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * bank_cases + capacity_cases + 2
+    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * bank_cases + capacity_cases + 3
     assert sum("capacity" in r["case"] for r in rows) == capacity_cases
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
