@@ -23,6 +23,7 @@ class TaggedCell:
     tags: list[str]
     source: str  # without the %%torchrun line
     first_line: int = 1  # the line of the cell that `source` starts at (2 after a %%torchrun line)
+    cell_id: str | None = None  # nbformat's cell id, which JupyterLab also sends with each execution
 
 
 def cell_body(source: str) -> str:
@@ -62,7 +63,7 @@ def read_tagged_cells(notebook: str | Path, tags: list[str]) -> list[TaggedCell]
             ) from None
         except (tokenize.TokenError, IndentationError) as e:
             raise ValueError(f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) is not plain Python: {e}") from None
-        cells.append(TaggedCell(i + 1, cell_tags, body, first_line))
+        cells.append(TaggedCell(i + 1, cell_tags, body, first_line, c.get("id")))
     return cells
 
 

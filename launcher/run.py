@@ -101,7 +101,8 @@ def find_notebook(notebook: str | os.PathLike | None = None) -> Path:
 
 
 def _warn_if_unsaved(cells) -> None:
-    """Inside a kernel: warn about tagged cells whose saved text this kernel never ran."""
+    """Inside a kernel: warn about tagged cells whose saved text differs from what this kernel last ran in
+    that cell (where the frontend sends cell ids), or, without ids, that this kernel never ran."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -110,7 +111,13 @@ def _warn_if_unsaved(cells) -> None:
     if ip is None:
         return
     ran = {s.strip() for s in magic.EXECUTED} | {s.strip() for s in ip.user_ns.get("_ih", [])}
-    stale = [c.number for c in cells if c.source.strip() not in ran]
+
+    def stale(c) -> bool:
+        if c.cell_id in magic.LAST_RUN:  # edited, run, not saved: the saved text may still be in `ran`
+            return magic.LAST_RUN[c.cell_id].strip() != c.source.strip()
+        return c.source.strip() not in ran
+
+    stale = [c.number for c in cells if stale(c)]
     if stale:
         warnings.warn(
             f"tagged cell(s) {stale} of the saved notebook differ from what this kernel last ran: "

@@ -170,7 +170,7 @@ def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = F
     least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all)."""
     rows = tokens * cfg.top_k
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
-    ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)
+    ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)  # with the input's gradient, as bench_one
     out = {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms, "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9}
     if train_step:
         out["adamw_ms"] = adamw_ms(MoELayer(cfg, "alltoall", "grouped").to(device), steps, warmup=3)
@@ -187,7 +187,8 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
 
     layer = MoELayer(cfg, dispatcher, experts).to(device)
     opt = make_adamw(layer.parameters())
-    x = torch.randn(tokens, cfg.hidden_dim, device=device, dtype=cfg.torch_dtype)
+    # the input needs a gradient, as in bench_one and inside a model: every backward GEMM runs
+    x = torch.randn(tokens, cfg.hidden_dim, device=device, dtype=cfg.torch_dtype, requires_grad=True)
 
     def step():
         layer.zero_grad(set_to_none=True)
@@ -302,11 +303,12 @@ def main(argv=None) -> None:
 def markdown(record: dict) -> str:
     """The record as a markdown table, with its device, torch version, date and command."""
     lines = [f"{record['device']} × {record['world_size']} ({record['backend']}), torch {record['torch']}, "
-             f"{record['date']}, shape {record['shape']}", f"`{record['command']}`", "",
-             "| dispatcher | experts | tokens/rank | fwd+bwd ms | step ms | step floor ms | µs/token | TFLOP/s/GPU | MFU | "
-             "route / dispatch / experts / combine ms (fwd) | dispatch GB/s | combine GB/s | a2a busbw GB/s | "
-             "dense FFN TFLOP/s | peak GB |",
-             "|" + "---|" * 16]
+             f"{record['date']}, shape {record['shape']}", f"`{record['command']}`", ""]
+    lines += [f"*Corrected after the run:* {c}\n" for c in record.get("corrections", [])]
+    lines += ["| dispatcher | experts | tokens/rank | fwd+bwd ms | step ms | step floor ms | µs/token | TFLOP/s/GPU | "
+              "MFU | route / dispatch / experts / combine ms (fwd) | dispatch GB/s | combine GB/s | a2a busbw GB/s | "
+              "dense FFN TFLOP/s | peak GB |",
+              "|" + "---|" * 16]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in record["runs"]:
         lim = record["limits"][str(r["tokens_per_rank"])]

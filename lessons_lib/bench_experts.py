@@ -80,7 +80,9 @@ def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats:
         if backward:
             xg = x.detach().requires_grad_()
 
-            def fwd_bwd():
+            def fwd_bwd():  # fresh gradients each run: accumulating would add a pass over every weight's gradient
+                bank.zero_grad(set_to_none=True)
+                xg.grad = None
                 bank(xg, counts).backward(grad)
 
             both = _time_ms(fwd_bwd, repeats, warmup, device)

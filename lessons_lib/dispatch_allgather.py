@@ -123,7 +123,10 @@ def rows_of_experts(expert: torch.Tensor, experts: range) -> torch.Tensor:
 class AllGatherDispatcher(ExpertParallelDispatcher):
     """Gather every rank's padded rows, keep this rank's; return results by reduce_scatter."""
 
-    META = 4  # int64 columns of metadata per row: expert, source rank, source token, real (1) or padding (0)
+    # int64 columns of metadata per row: expert id; source rank and source token (where the row came from, for the
+    # reader and for debugging: results go back by position, through reduce_scatter); real (1) or lesson 05's
+    # capacity padding (0). The all_gather's own padding rows are -1 in every column.
+    META = 4
 
     def _first_exchange(self, counts: torch.Tensor, code: int) -> list[list[int]]:
         # Every rank's row count (to find the padding size) and input-error code.

@@ -103,6 +103,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def combine(self, expert_out: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
         received_order = Permute.apply(expert_out, state.ungroup, state.regroup)
+        # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
         back = AllToAll.apply(received_order, state.in_splits, state.out_splits, self.group)
         self._count("combine", expert_out, state.out_splits, state.in_splits, state.useful_received)
         return weighted_sum_by_token(back, state.rows, state.weights)

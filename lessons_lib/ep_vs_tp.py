@@ -1,8 +1,8 @@
 """Expert parallelism against tensor parallelism on the same batch, measured (lesson 07).
 
 `measure_ep_vs_tp` runs on every rank of a group: it counts the bytes each variant really sends
-(balanced routing, so the model of `comm_model` applies exactly), times a training step of each,
-and records the shape of each rank's expert GEMMs. Under torchrun on GPUs:
+(balanced routing, so the model of `comm_model` applies exactly), times a training step of each
+(with the router's own routing of the same tokens), and records the shape of each rank's expert GEMMs. Under torchrun on GPUs:
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.ep_vs_tp --out images/ep_vs_tp_2xh200.json
 """
@@ -29,34 +29,42 @@ def balanced_routing(tokens: int, cfg: MoEConfig, device) -> Routing:
 
 
 def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=None, device=None,
-                     steps: int = 20, warmup: int = 5) -> dict:
+                     steps: int = 20, warmup: int = 5, same_global_batch: bool = False) -> dict:
     """Counted vs modelled bytes per rank, step time (median ms, slowest rank) and per-rank expert GEMM
-    shapes of EP ("alltoall") and TP ("tp") with `tokens` tokens on every rank."""
+    shapes of EP ("alltoall") and TP ("tp"), `tokens` tokens on every EP rank.
+
+    same_global_batch: False gives every TP rank `tokens` tokens too (the same work per rank). True compares
+    the two layouts of the same N ranks and the same batch, as at a fixed world size: EP's N ranks each hold
+    their own `tokens`, while TP's ranks all run the group's whole batch of N · tokens (tensor parallelism
+    leaves no data parallelism inside the group). Then EP sends k/N of TP's bytes."""
     device = device if device is not None else torch.device("cpu")
     rank, N = rank_and_size(group)
     if (tokens * cfg.top_k) % cfg.num_experts:
         raise ValueError("tokens · top_k must be a multiple of num_experts for exactly balanced routing")
     b = torch.empty(0, dtype=cfg.torch_dtype).element_size()
-    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(rank)).to(device, cfg.torch_dtype)
-    routing = balanced_routing(tokens, cfg, device)
     out = {"group_size": N, "tokens_per_rank": tokens, "bytes_per_element": b, "experts": experts,
-           "config": vars(cfg).copy()}
+           "same_global_batch": same_global_batch, "config": vars(cfg).copy()}
     for name, dispatcher in (("ep", "alltoall"), ("tp", "tp")):
+        T = N * tokens if name == "tp" and same_global_batch else tokens
+        # EP: each rank its own tokens; TP: the same tokens on every rank of the group, as TP requires
+        seed = rank if name == "ep" else 0
+        x = torch.randn(T, cfg.hidden_dim, generator=torch.Generator().manual_seed(seed)).to(device, cfg.torch_dtype)
+        routing = balanced_routing(T, cfg, device)
         layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
         with torch.no_grad():  # one forward with the balanced routing, to count bytes
             rows, counts, state = layer.dispatcher.dispatch(x, routing)
             layer.dispatcher.combine(layer.experts(rows, counts), state)
         phases = layer.dispatcher.traffic.phases
         counted = sum(phases[p].sent for p in (("dispatch", "combine") if name == "ep" else ("all_reduce",)) if p in phases)
-        model = (ep_bytes_per_rank(tokens, cfg.hidden_dim, cfg.top_k, N, b) if name == "ep"
-                 else tp_bytes_per_rank(tokens, cfg.hidden_dim, N, b))
+        model = (ep_bytes_per_rank(T, cfg.hidden_dim, cfg.top_k, N, b) if name == "ep"
+                 else tp_bytes_per_rank(T, cfg.hidden_dim, N, b))
         w1 = layer.experts.w1
         out[name] = {
-            "counted_bytes": counted, "model_bytes": model,
+            "tokens_per_rank": T, "counted_bytes": counted, "model_bytes": model,
             "other_bytes": sum(p.sent for k, p in phases.items() if k not in ("dispatch", "combine", "all_reduce")),
             "local_experts": w1.shape[0], "gemm_rows_per_expert": counts.tolist(),
             "gemm_weight_shape": list(w1.shape[1:]),  # [H, F] under EP, [H, F/N] under TP
-            "step_ms": median(train_step_times(layer, tokens, steps=steps, warmup=warmup, group=group)),
+            "step_ms": median(train_step_times(layer, T, steps=steps, warmup=warmup, group=group, x=x)),
         }
     return out
 

@@ -119,8 +119,9 @@ def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) 
     No training step of this layer can take less than their sum on this machine.
     """
     device = next(layer.parameters()).device
+    # train_step_times' inputs need no gradient, so the layer skips the input-side backward GEMMs: so does the floor
     return {"adamw_ms": adamw_ms(layer, steps, warmup, group),
-            "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group)}
+            "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group, input_grad=False)}
 
 
 def adamw_ms(layer, steps: int = 30, warmup: int = 5, group=None) -> float:
@@ -135,11 +136,16 @@ def adamw_ms(layer, steps: int = 30, warmup: int = 5, group=None) -> float:
     return median(timed_runs(opt.step, steps, warmup, device, group))
 
 
-def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None) -> float:
+def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None,
+                 input_grad: bool = True) -> float:
     """Median ms of forward + backward of ONE dense FFN of an expert's shape over `rows` rows: the
-    FLOPs of `rows` expert rows as one big GEMM chain, the rate the expert banks should approach."""
+    FLOPs of `rows` expert rows as one big GEMM chain, the rate the expert banks should approach.
+
+    input_grad: whether backward also computes the input's gradient, as a layer inside a model does
+    (3 x the forward FLOPs); without it the first GEMMs' input gradients are skipped (SwiGLU: 7 of 9
+    GEMMs, GELU: 5 of 6). It must match the layer it is compared with."""
     H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
-    x = torch.randn(rows, H, device=device, dtype=dtype)
+    x = torch.randn(rows, H, device=device, dtype=dtype, requires_grad=input_grad)
     w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
     w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
     w3 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)

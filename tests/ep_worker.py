@@ -217,6 +217,9 @@ def main():
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=8 * world_size)
         r = measure_ep_vs_tp(cfg, tokens=2 * world_size, device=device, steps=1, warmup=0)
         result = {name: [r[name]["counted_bytes"], r[name]["model_bytes"]] for name in ("ep", "tp")}
+        r = measure_ep_vs_tp(cfg, tokens=2 * world_size, device=device, steps=1, warmup=0, same_global_batch=True)
+        result |= {f"{name}, same batch": [r[name]["counted_bytes"], r[name]["model_bytes"], r[name]["tokens_per_rank"]]
+                   for name in ("ep", "tp")}
     elif p["mode"] == "bias":
         from lessons_lib.load_balancing import SigmoidBiasRouter, update_expert_bias
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 from lessons_lib.bench import SHAPES, layer_flops, markdown
@@ -52,3 +53,20 @@ def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert table == markdown(record) and "| alltoall | grouped | 8 |" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("activation, input_grad, share", [("swiglu", True, 1.0), ("swiglu", False, 7 / 9),
+                                                           ("gelu", True, 1.0), ("gelu", False, 5 / 6)])
+def test_the_dense_ffn_reference_runs_the_flops_it_is_credited_with(activation, input_grad, share):
+    """bench divides 3 x the forward FLOPs by the dense FFN's time: its backward must compute all of them
+    (input gradient included); without the input's gradient it runs the share the floors of lesson 02 compare with."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lessons_lib import MoEConfig
+    from lessons_lib.experts_batched import flops_per_row
+    from lessons_lib.timing import dense_ffn_ms
+
+    cfg = MoEConfig(hidden_dim=32, ffn_dim=64, activation=activation)
+    with FlopCounterMode(display=False) as counter:
+        dense_ffn_ms(cfg, 16, torch.device("cpu"), steps=1, warmup=0, input_grad=input_grad)
+    assert counter.get_total_flops() == pytest.approx(share * 3 * 16 * flops_per_row(cfg))

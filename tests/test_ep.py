@@ -107,3 +107,7 @@ def test_ep_and_tp_bytes_equal_the_model_at_group_sizes_4_and_8(nproc):
     T, N = 2 * nproc, nproc
     assert r["ep"] == [2 * T * 2 * 16 * 4 * (N - 1) / N] * 2
     assert r["tp"] == [2 * (N - 1) / N * T * 16 * 4] * 2
+    # the same global batch of N·T tokens: every TP rank runs all of it, and EP sends k/N of TP's bytes
+    assert r["ep, same batch"] == r["ep"] + [T]
+    assert r["tp, same batch"] == [2 * (N - 1) / N * N * T * 16 * 4] * 2 + [N * T]
+    assert r["ep, same batch"][0] * N == 2 * r["tp, same batch"][0]

@@ -164,6 +164,29 @@ def test_unsaved_notebook_warning(nb, monkeypatch):
         _warn_if_unsaved(cells)
 
 
+def test_unsaved_edit_of_a_cell_that_ran_before_is_caught_by_cell_id(nb, monkeypatch):
+    """The usual slip: run the cell as saved, edit it, run it again, launch without saving. The saved text
+    is among what the kernel ran, so only the last run of that very cell (by its id) tells."""
+    cells = read_tagged_cells(nb, ["a"])
+    saved = {c.number: c for c in cells}[4]
+    assert saved.cell_id
+    edited = 'order.append("an edit that was not saved")'
+    fake_kernel = types.SimpleNamespace(get_parent=lambda: {"metadata": {"cellId": saved.cell_id}})
+    fake = types.SimpleNamespace(user_ns={"_ih": ["", "order = ['first']"]}, kernel=fake_kernel)
+    monkeypatch.setattr("IPython.get_ipython", lambda: fake)
+    monkeypatch.setattr(launcher.magic, "EXECUTED", [])
+    monkeypatch.setattr(launcher.magic, "LAST_RUN", {})
+    launcher.magic.torchrun("", saved.source)
+    launcher.magic.torchrun("", edited)  # what the magic records under the running cell's id
+    assert launcher.magic.LAST_RUN == {saved.cell_id: edited}
+    with pytest.warns(UserWarning, match=r"tagged cell\(s\) \[4\]"):
+        _warn_if_unsaved(cells)
+    launcher.magic.torchrun("", saved.source)  # back to the saved text: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_unsaved(cells)
+
+
 def test_command_line(nb, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "launcher", str(nb), "--tags", "a", "b", "--nproc", "2",
