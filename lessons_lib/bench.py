@@ -44,13 +44,17 @@ SHAPES = {  # name: (config, tokens per rank to run)
     "realistic": (REALISTIC, [4096]),
     "scaling": (REALISTIC, [1024, 2048, 4096, 8192, 16384]),
 }
-DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}  # bf16 dense, SXM; for MFU
+DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}  # bf16 dense, SXM parts only (PCIe and NVL parts are lower)
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The GPU's dense bf16 peak, for MFU; None on a CPU, an unlisted GPU, or another dtype (an fp32
+    layer measured against the bf16 peak would say little)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
         return None
     name = torch.cuda.get_device_name(device)
+    if "PCIe" in name or "NVL" in name:
+        return None
     return next((v for k, v in DENSE_PEAK_TFLOPS.items() if k in name), None)
 
 
@@ -157,7 +161,7 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
     out["tokens_per_s"] = tokens * N / out["fwd_bwd_ms"] * 1e3
     out["us_per_token"] = out["fwd_bwd_ms"] * 1e3 / tokens
     out["tflops_per_gpu"] = flops / out["fwd_bwd_ms"] / 1e9
-    peak = peak_tflops(device)
+    peak = peak_tflops(device, cfg.torch_dtype)
     out["mfu"] = out["tflops_per_gpu"] / peak if peak else None
     if hasattr(layer.experts, "path"):
         out["path"] = layer.experts.path
@@ -273,7 +277,7 @@ def main(argv=None) -> None:
         "world_size": N, "backend": dist.get_backend(), "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "shape": args.shape, "config": vars(cfg).copy(),
         "command": f"torchrun --nproc-per-node {N} -m lessons_lib.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "peak_tflops": peak_tflops(device), "runs": [], "limits": {},
+        "peak_tflops": peak_tflops(device, cfg.torch_dtype), "runs": [], "limits": {},
     }
     train_step = args.shape == "small"
     for tokens in sizes:
