@@ -112,12 +112,12 @@ def _warn_if_unsaved(cells) -> None:
         return
     ran = {s.strip() for s in magic.EXECUTED} | {s.strip() for s in ip.user_ns.get("_ih", [])}
 
-    def stale(c) -> bool:
+    def is_stale(c) -> bool:
         if c.cell_id in magic.LAST_RUN:  # edited, run, not saved: the saved text may still be in `ran`
             return magic.LAST_RUN[c.cell_id].strip() != c.source.strip()
         return c.source.strip() not in ran
 
-    stale = [c.number for c in cells if stale(c)]
+    stale = [c.number for c in cells if is_stale(c)]
     if stale:
         warnings.warn(
             f"tagged cell(s) {stale} of the saved notebook differ from what this kernel last ran: "

@@ -2,7 +2,8 @@
 
 `measure_ep_vs_tp` runs on every rank of a group: it counts the bytes each variant really sends
 (balanced routing, so the model of `comm_model` applies exactly), times a training step of each
-(with the router's own routing of the same tokens), and records the shape of each rank's expert GEMMs. Under torchrun on GPUs:
+(with the router's own routing of the same tokens), and records the shape of each rank's expert
+GEMMs. Under torchrun on GPUs:
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.ep_vs_tp --out images/ep_vs_tp_2xh200.json
 """

@@ -162,7 +162,8 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
     e = layer.experts.experts
     errors = {"router.weight": relative_error(layer.router.weight.detach(), reference.router.weight.detach())}
     for name, p in layer.experts.named_parameters():
-        errors[f"experts.{name}"] = relative_error(p.detach(), getattr(reference.experts, name).detach()[e.start:e.stop])
+        ref = getattr(reference.experts, name).detach()[e.start:e.stop]
+        errors[f"experts.{name}"] = relative_error(p.detach(), ref)
     # the step must have changed the weights, or equality would prove nothing
     moved = (reference.experts.w1.detach() - sd["experts.w1"]).abs().max().item()
     worst = torch.tensor(list(errors.values()) + [-moved], dtype=torch.float64, device=device)
