@@ -196,6 +196,7 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
 
     def step():
         layer.zero_grad(set_to_none=True)
+        x.grad = None
         layer(x)[0].float().square().mean().backward()
         opt.step()
 
@@ -212,6 +213,7 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
             for _ in range(3):
                 dist.barrier()
                 layer.zero_grad(set_to_none=True)
+                x.grad = None
                 layer(x)[0].float().square().mean().backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -152,6 +152,7 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
     swiglu = cfg.activation == "swiglu"
 
     def dense():
+        x.grad = w1.grad = w2.grad = w3.grad = None  # fresh gradients, as a training step has
         h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
         (h @ w2).sum().backward()
 
