@@ -130,8 +130,13 @@ def main():
         for dispatcher, bank, cfg, name, tokens, routing in equality_cases(world_size):
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device)
-            rows.append({"dispatcher": dispatcher, "experts": bank, "activation": cfg.activation, "case": name,
-                         "worst": max(errors.values()), "errors": errors})
+            row = {"dispatcher": dispatcher, "experts": bank, "activation": cfg.activation, "case": name,
+                   "worst": max(errors.values()), "errors": errors}
+            if bank == "grouped":  # which path such a layer takes here: the grouped GEMM, not its loop fallback
+                probe = MoELayer(cfg, dispatcher, bank).to(device)
+                probe(torch.randn(tokens[rank], cfg.hidden_dim, device=device))
+                row["path"] = probe.experts.path
+            rows.append(row)
         result = rows
     elif p["mode"] == "subgroups":  # two independent groups of 2 ranks, each its own global batch
         GroupedExperts.use_reference_kernel = True
@@ -150,21 +155,25 @@ def main():
     elif p["mode"] == "bad_input":
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
         messages = {}
+        bad_rank = p.get("bad_rank", world_size - 1)
         for dispatcher in ("allgather", "alltoall", "tp"):
             layer = MoELayer(cfg, dispatcher).to(device)
-            for bad, x in (("dtype", torch.zeros(4, 16, dtype=torch.float64)), ("shape", torch.zeros(4, 15))):
-                x = x.to(device) if rank == world_size - 1 else torch.zeros(4, 16, device=device)
+            for bad, x in (("dtype", torch.zeros(4, 16, dtype=torch.float64)), ("shape", torch.zeros(4, 15)),
+                           ("3-D", torch.zeros(2, 4, 16))):
+                x = x.to(device) if rank == bad_rank else torch.zeros(4, 16, device=device)
                 try:
                     layer(x)
                     messages[f"{dispatcher}/{bad}"] = "no error"
                 except ValueError as e:
                     messages[f"{dispatcher}/{bad}"] = str(e)
             layer(torch.randn(4, 16, device=device))  # the group still works afterwards
-        try:
-            MoELayer(MoEConfig(num_experts=2 * world_size + 1, top_k=2), "alltoall")
-            messages["divisible"] = "no error"
-        except ValueError as e:
-            messages["divisible"] = str(e)
+        for key, make in (("divisible", lambda: MoELayer(MoEConfig(num_experts=2 * world_size + 1, top_k=2), "alltoall")),
+                          ("tp divisible", lambda: MoELayer(MoEConfig(ffn_dim=4 * world_size + 1), "tp"))):
+            try:
+                make()
+                messages[key] = "no error"
+            except ValueError as e:
+                messages[key] = str(e)
         every = [None] * world_size
         dist.all_gather_object(every, messages)
         result = every

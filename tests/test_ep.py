@@ -21,6 +21,8 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
+    paths = {r["path"] for r in rows if r["experts"] == "grouped"}
+    assert paths == {"torch._grouped_mm (reference kernel)"}, paths  # the grouped GEMM ran, not the fallback
     # every error, not just the worst: NaN > TOLERANCE is False, and max() can skip a NaN
     bad = [(r["dispatcher"], r["experts"], r["activation"], r["case"], r["errors"]) for r in rows
            if not all(e <= TOLERANCE for e in r["errors"].values())]
@@ -34,20 +36,24 @@ def test_ep_and_tp_layers_on_process_subgroups_equal_the_single_device_layer():
     assert all(e <= TOLERANCE for r in every for e in r["errors"].values()), every
 
 
-def test_bad_input_on_one_rank_stops_every_rank():
-    every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "bad_input"}, stream=False,
-                       timeout=300).value
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_bad_input_on_one_rank_stops_every_rank(nproc):
+    every = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "bad_input", "bad_rank": 1},
+                       stream=False, timeout=300).value
+    assert len(every) == nproc
     for rank, messages in enumerate(every):
-        for key in ("allgather/dtype", "allgather/shape", "alltoall/dtype", "alltoall/shape"):
+        for key in ("allgather/dtype", "allgather/shape", "allgather/3-D", "alltoall/dtype", "alltoall/shape",
+                    "alltoall/3-D"):
             msg = messages[key]
             if rank == 1:  # the rank whose input was bad names the problem
                 assert ("dtype" in msg) if key.endswith("dtype") else ("hidden_dim=16" in msg), msg
             else:  # the others learn that rank 1 failed, instead of hanging
                 assert "rank 1 of the expert-parallel group got invalid input" in msg, msg
-        for key in ("tp/dtype", "tp/shape"):
+        for key in ("tp/dtype", "tp/shape", "tp/3-D"):
             expected = ("MoELayer input" if rank == 1 else "a rank of the tensor-parallel group got invalid input")
             assert expected in messages[key], messages[key]
         assert "divisible" in messages["divisible"]
+        assert "ffn_dim" in messages["tp divisible"] and "divisible" in messages["tp divisible"]
 
 
 def test_our_alltoall_autograd_matches_pytorch():
