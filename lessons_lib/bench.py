@@ -194,10 +194,13 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
     # the input needs a gradient, as in bench_one and inside a model: every backward GEMM runs
     x = torch.randn(tokens, cfg.hidden_dim, device=device, dtype=cfg.torch_dtype, requires_grad=True)
 
-    def step():
+    def fwd_bwd():  # fresh gradients each pass, as in training
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x)[0].float().square().mean().backward()
+
+    def step():
+        fwd_bwd()
         opt.step()
 
     for _ in range(3):
@@ -208,13 +211,11 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    if trace:  # forward + backward only, fresh gradients each pass, every rank its own file
+    if trace:  # forward + backward only, every rank its own file
         with profile(activities=activities) as fb:
             for _ in range(3):
                 dist.barrier()
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                layer(x)[0].float().square().mean().backward()
+                fwd_bwd()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         fb.export_chrome_trace(str(Path(trace).with_suffix(f".rank{dist.get_rank()}.json")))

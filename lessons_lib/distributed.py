@@ -37,6 +37,15 @@ def rank_and_size(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def all_reduce_grads(params, group=None) -> None:
+    """Sum the gradients of `params` over `group` (replicated weights, each copy fed its own tokens). A rank
+    whose parameter got no gradient (say, it had no tokens) joins with zeros, or the others would wait."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+
+
 def init_from_torchrun() -> torch.device:
     """Join the process group torchrun describes and return this rank's device: nccl and
     cuda:LOCAL_RANK when there are GPUs, gloo and the CPU otherwise (for the `python -m` measurements)."""

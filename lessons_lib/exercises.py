@@ -5,8 +5,8 @@ In a lesson (every lesson from 01 on ends with a few):
     def split_sizes(expert_ids, num_experts, world_size):   # the student's function
         raise NotImplementedError("...")
 
-    split_sizes = pick("03.1", split_sizes, SOLUTIONS)      # SOLUTIONS=True (a papermill parameter): the library's
-    check("03.1", split_sizes)                              # run it on random and edge cases, say what failed
+    check("03.1", pick("03.1", split_sizes, SOLUTIONS))     # run it on random and edge cases, say what failed
+                                                            # (SOLUTIONS=True, a papermill parameter: the library's)
     hint("03.1")                                            # stuck? a hint; last resort:
     solution("03.1")                                        # the library's own solution
 
@@ -127,11 +127,15 @@ def _one_case(key, fn, name, args, expected) -> dict | None:
     return None
 
 
+def _collective_device() -> str:
+    """Where this rank's tensors must live for a collective: nccl sends GPU tensors, gloo CPU ones."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def _agree(key, name, result: dict | None) -> dict | None:
     """Every rank learns the worst outcome of this case (0 passed, 1 failed, 2 not implemented)."""
     code = {None: 0, "failed": 1, "not implemented": 2}[result and result["status"]]
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    flags = torch.tensor([code], device=device)
+    flags = torch.tensor([code], device=_collective_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags.item() == 0:
         return None
@@ -277,7 +281,7 @@ def group_by_rank(dest: torch.Tensor):
 
 def _alltoall_cases():
     rank, N = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # nccl sends GPU tensors
+    device = _collective_device()
     cases = []
     for name, splits in (("uneven", lambda r, j: (r + 2 * j) % 3), ("balanced", lambda r, j: 2),
                          ("this rank sends nothing", lambda r, j: 0 if r == 0 else 1 + j)):

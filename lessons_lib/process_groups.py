@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
+
+from .distributed import all_reduce_grads
 
 
 @dataclass
@@ -45,9 +46,5 @@ def build_ep_dp_groups(ep_size: int) -> EPDPGroups:
 def sync_gradients(layer, groups: EPDPGroups) -> None:
     """Sum the gradients the way EP × DP needs: expert weights over the expert-DP group (the copies of
     the same experts), the replicated router over all ranks."""
-    for p in list(layer.experts.parameters()) + [layer.router.weight]:
-        if p.grad is None:  # no gradient here (say, no tokens): still join the sum, or the other ranks wait
-            p.grad = torch.zeros_like(p)
-    for p in layer.experts.parameters():
-        dist.all_reduce(p.grad, group=groups.edp_group)
-    dist.all_reduce(layer.router.weight.grad)
+    all_reduce_grads(layer.experts.parameters(), group=groups.edp_group)
+    all_reduce_grads([layer.router.weight])

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.std import tqdm
 
+from .distributed import all_reduce_grads
 from .load_balancing import update_expert_bias
 
 INPUTS = ("gaussian", "clusters")
@@ -113,10 +114,7 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
             # Every rank holds a copy of the router, and its gradient came from this rank's tokens only
             # (the experts' gradients already came back from every rank through the all-to-all): sum it,
             # or the copies drift apart.
-            w = layer.router.weight
-            if w.grad is None:  # e.g. a rank with no tokens: it still takes part in the sum
-                w.grad = torch.zeros_like(w)
-            dist.all_reduce(w.grad, group=group)
+            all_reduce_grads([layer.router.weight], group)
         opt.step()
         if bias_rate:
             update_expert_bias(layer.router, aux.tokens_per_expert, bias_rate, group)

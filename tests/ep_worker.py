@@ -247,7 +247,14 @@ def main():
               progress=False)
         every = [None] * world_size
         dist.all_gather_object(every, [layer.router.weight.detach().cpu(), layer.router.expert_bias.cpu()])
-        result = {"router_moved": (every[0][0] - MoELayer(cfg).router.weight).abs().max().item(),
+        from lessons_lib.distributed import all_reduce_grads
+
+        w = layer.router.weight  # a rank without a gradient joins the sum with zeros instead of hanging
+        w.grad = torch.ones_like(w) if rank == 0 else None
+        all_reduce_grads([w])
+        summed_without_hang = bool((w.grad == 1).all())
+        result = {"summed_without_hang": summed_without_hang,
+                  "router_moved": (every[0][0] - MoELayer(cfg).router.weight).abs().max().item(),
                   "router_diff": max((w - every[0][0]).abs().max().item() for w, _ in every),
                   "bias_diff": max((b - every[0][1]).abs().max().item() for _, b in every)}
     elif p["mode"] == "ep_dp":
