@@ -16,7 +16,9 @@ For each dispatcher × expert bank it measures, on every rank's own random token
   tokens_per_s, tflops_per_gpu (expert + router FLOPs, ×3 for forward + backward), mfu (dense bf16 peak);
   bytes sent per rank in dispatch and combine (counted by the dispatcher) and their bandwidth;
   peak_mem_gb    the most memory allocated during forward + backward (GPU).
-and, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, and a dense
+At the small shape on a GPU it also times the final layer with lesson 05's static shapes, eagerly and replayed
+from one CUDA graph per training step (`cuda_graphs.step_times`).
+And, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, and a dense
 FFN of the same FLOPs (one big GEMM chain instead of many experts). Writes a JSON record, a markdown
 table beside it, and plots.
 """
@@ -85,7 +87,7 @@ def forward_phases(layer: MoELayer, x: torch.Tensor, steps: int, warmup: int = 3
         mark(marks)
         rows, counts, state = layer.dispatcher.dispatch(x, routing)
         mark(marks)
-        out = layer.experts(rows, counts)
+        out = layer.run_experts(rows, counts, state)
         mark(marks)
         layer.dispatcher.combine(out, state)
         mark(marks)
@@ -294,6 +296,10 @@ def main(argv=None) -> None:
                 if rank == 0:
                     print(json.dumps(run), flush=True)
             del layer
+    if train_step and device.type == "cuda" and "alltoall" in args.dispatchers and "grouped" in args.experts:
+        from .cuda_graphs import step_times  # lesson 05: static shapes, one CUDA graph per step
+
+        record["cuda_graph"] = {str(t): step_times(cfg, t, device, args.steps, args.warmup) for t in sizes}
     record["memory_estimate_gb"] = memory_table(cfg, max(sizes), N)
     if args.profile:
         profile_step(cfg, sizes[0], args.dispatchers[-1], args.experts[-1], device, args.profile, trace=args.trace)
@@ -329,6 +335,12 @@ def markdown(record: dict) -> str:
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
             f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
             f"{fmt(r.get('peak_mem_gb'), '.3g')} |")
+    for t, g in record.get("cuda_graph", {}).items():
+        lines += ["", f"Lesson 05's static shapes, alltoall + grouped, {t} tokens per rank: every expert padded to "
+                  f"C = {g['capacity']} rows per rank (nothing dropped, {100 * g['padding_fraction']:.0f}% of the rows "
+                  f"are empty slots). Training step: {g['dropless_eager_ms']:.3g} ms dropless, "
+                  f"{g['static_eager_ms']:.3g} ms static, **{g['graph_ms']:.3g} ms static and replayed from one CUDA "
+                  f"graph** (`lessons_lib.cuda_graphs`)."]
     lines += ["", "What forward + backward allocates per rank, from the shapes at the largest size (not all of it is "
               "alive at once; the measured peak is in the table above). Nothing grows with experts × ranks × tokens:", "",
               "| what | GB |", "|---|---|"]

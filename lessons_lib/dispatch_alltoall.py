@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .capacity import expert_capacity
 from .dispatch_allgather import ExpertParallelDispatcher
 from .traffic import Traffic
 from .dispatch_local import Permute, Rows, inverse_permutation, rows_by_expert, weighted_sum_by_token
@@ -54,8 +55,14 @@ class AllToAllState:
     ungroup: torch.Tensor  # its inverse: grouped by local expert -> the order the rows were received in
     in_splits: list  # rows sent to each rank
     out_splits: list  # rows received from each rank
-    useful_sent: list  # of in_splits, the real rows (not lesson 05's padding)
-    useful_received: list  # of out_splits, the real rows
+    useful_sent: list | None  # of in_splits, the real rows (not lesson 05's padding); None: in a CUDA graph, not counted
+    useful_received: list | None  # of out_splits, the real rows
+    sizes: list  # rows per local expert, on the host, so the expert bank needs no host sync of its own
+
+
+def capturing() -> bool:
+    """Whether this pass is being recorded into a CUDA graph (`cuda_graphs`, lesson 05)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
@@ -75,18 +82,22 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         return recv  # [N, E_local + 2]: row s = what rank s will send me
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        self.traffic = Traffic()
         N, E_local = self.world_size, self.num_local_experts
         rows = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
-        real_sent = count_per_expert(rows.expert // E_local, N, mask=rows.real)  # real rows per destination
-
-        recv = self._first_exchange(rows.counts, 0, real_sent)
-        recv_counts = recv[:, :E_local]
-        # One host sync for the split sizes: all_to_all_single needs them as Python ints.
-        sizes = torch.cat([rows.counts.view(N, E_local).sum(1), recv_counts.sum(1), recv[:, E_local + 1],
-                           real_sent, recv[:, E_local]]).tolist()
-        in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:3 * N]
-        self._stop_if_any_rank_failed(codes)
+        if capturing():
+            in_splits, out_splits, recv_counts, bank_sizes = self._static_sizes(x, rows)
+            useful_sent = useful_received = None
+        else:
+            self.traffic = Traffic()
+            real_sent = count_per_expert(rows.expert // E_local, N, mask=rows.real)  # real rows per destination
+            recv = self._first_exchange(rows.counts, 0, real_sent)
+            recv_counts = recv[:, :E_local]
+            # One host sync for the split sizes: all_to_all_single needs them as Python ints (so does a loop over experts).
+            sizes = torch.cat([rows.counts.view(N, E_local).sum(1), recv_counts.sum(1), recv[:, E_local + 1],
+                               real_sent, recv[:, E_local], recv_counts.sum(0)]).tolist()
+            in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:3 * N]
+            self._stop_if_any_rank_failed(codes)
+            useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
 
         received = AllToAll.apply(x[rows.token], out_splits, in_splits, self.group)
         # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
@@ -95,17 +106,34 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         regroup = torch.argsort(local_expert, stable=True)
         ungroup = inverse_permutation(regroup)
 
-        state = AllToAllState(rows, routing.weights, regroup, ungroup, in_splits, out_splits,
-                              useful_sent=sizes[3 * N:4 * N], useful_received=sizes[4 * N:])
-        self._count("dispatch", x, in_splits, out_splits, state.useful_sent)
+        state = AllToAllState(rows, routing.weights, regroup, ungroup, in_splits, out_splits, useful_sent,
+                              useful_received, bank_sizes)
+        if useful_sent is not None:
+            self._count("dispatch", x, in_splits, out_splits, useful_sent)
         return Permute.apply(received, regroup, ungroup), recv_counts.sum(0), state
+
+    def _static_sizes(self, x: torch.Tensor, rows):
+        """The split sizes without asking anyone, for a pass recorded into a CUDA graph (`cuda_graphs`, lesson 05).
+
+        A graph cannot wait for the GPU to tell it a size, and replays every shape it recorded. Lesson 05's padded
+        capacity makes every size known in advance: each rank sends exactly C rows to every expert (with the same
+        token count, hence the same C, on every rank, which the graph's capture checks). There is no input error to
+        report either: a graph's input is the buffer it was captured with. The traffic record is the last eager pass's."""
+        if not self.cfg.pad_to_capacity:
+            raise RuntimeError("a CUDA graph needs fixed split sizes: build the layer with lesson 05's static shapes, "
+                               "MoEConfig(capacity_factor=..., pad_to_capacity=True)")
+        N, E_local = self.world_size, self.num_local_experts
+        C = expert_capacity(self.cfg, x.shape[0])
+        splits = [E_local * C] * N
+        return splits, list(splits), rows.counts.new_full((N, E_local), C), [N * C] * E_local
 
     def combine(self, expert_out: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
         received_order = Permute.apply(expert_out, state.ungroup, state.regroup)
         # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
         back = AllToAll.apply(received_order, state.in_splits, state.out_splits, self.group)
-        self._count("combine", expert_out, state.out_splits, state.in_splits, state.useful_received)
+        if state.useful_received is not None:
+            self._count("combine", expert_out, state.out_splits, state.in_splits, state.useful_received)
         return weighted_sum_by_token(back, state.rows, state.weights)
 
     def _count(self, phase: str, rows: torch.Tensor, sent: list, received: list, useful: list) -> None:

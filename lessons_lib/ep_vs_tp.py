@@ -54,7 +54,7 @@ def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=N
         layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
         with torch.no_grad():  # one forward with the balanced routing, to count bytes
             rows, counts, state = layer.dispatcher.dispatch(x, routing)
-            layer.dispatcher.combine(layer.experts(rows, counts), state)
+            layer.dispatcher.combine(layer.run_experts(rows, counts, state), state)
         phases = layer.dispatcher.traffic.phases
         counted = sum(phases[p].sent for p in (("dispatch", "combine") if name == "ep" else ("all_reduce",)) if p in phases)
         model = (ep_bytes_per_rank(T, cfg.hidden_dim, cfg.top_k, N, b) if name == "ep"

@@ -28,8 +28,10 @@ class ExpertBank(nn.Module):
     expert's inner dimension F: the columns of w1/w3 and rows of w2 of a tensor-parallel
     rank (lesson 07); None keeps all of F.
 
-    forward(x, counts): x [M, H] holds the rows sent to these experts, grouped by
+    forward(x, counts, sizes=None): x [M, H] holds the rows sent to these experts, grouped by
     expert in order (counts[i] rows for local expert i); returns [M, H] in the same order.
+    sizes: the same counts as Python ints, where the dispatcher already has them on the host
+    (lesson 03's all-to-all does): a bank that must slice by count then needs no host sync.
     """
 
     def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
@@ -54,21 +56,21 @@ class ExpertBank(nn.Module):
     def num_local_experts(self) -> int:
         return len(self.experts)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 class LoopExperts(ExpertBank):
     """One expert at a time: split the grouped rows by count, run each expert's FFN."""
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         # unbind, not w1[e]: the backward of indexing would build a zero [E, H, F] gradient
         # per expert; unbind's backward stacks the E per-expert gradients once.
         w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
         w3 = self.w3.unbind(0) if self.cfg.activation == "swiglu" else None
         outs = []
-        # tolist() is the one host sync: Python needs the sizes to slice.
-        for e, rows in enumerate(x.split(counts.tolist())):
+        # tolist() is the one host sync: Python needs the sizes to slice (unless the dispatcher gave them).
+        for e, rows in enumerate(x.split(counts.tolist() if sizes is None else sizes)):
             h3 = rows @ w3[e] if w3 is not None else None
             outs.append(activate(rows @ w1[e], h3, self.cfg.activation) @ w2[e])
         return torch.cat(outs) if outs else x.new_zeros(0, self.cfg.hidden_dim)

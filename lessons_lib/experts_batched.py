@@ -9,7 +9,8 @@ work to fill the machine) and the CPU spends its time re-reading weights. Two wa
   most of what it multiplies is padding. It reports the FLOPs it spent on padding.
 - `GroupedExperts` runs one grouped GEMM over variable-size groups, given their offsets
   (`torch._grouped_mm`): no padding. Where no fast kernel exists for the device and dtype
-  (it needs bf16 on a Hopper-class GPU) it falls back to the loop, and says so in `.path`.
+  (it needs bf16 on a Hopper-class GPU) it falls back to one bmm when every group has the same
+  size (lesson 05's static shapes), otherwise to the loop, and says which in `.path`.
 
 All three banks read the same stacked weights w1 [E, H, F], w2 [E, F, H] (and w3 [E, H, F]).
 """
@@ -28,11 +29,15 @@ def flops_per_row(cfg: MoEConfig, ffn_dim: int | None = None) -> int:
     return 2 * cfg.hidden_dim * F * (3 if cfg.activation == "swiglu" else 2)
 
 
-def pad_by_expert(x: torch.Tensor, counts: torch.Tensor):
-    """x [M, H], grouped by expert (counts[e] rows each) -> (padded [E, max count, H] with zero rows,
-    expert [M] and slot [M]: where each row went, so that padded[expert, slot] == x)."""
+def pad_by_expert(x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None):
+    """x [M, H], grouped by expert (counts[e] rows each; `sizes`: the same on the host, if known) ->
+    (padded [E, max count, H] with zero rows, expert [M] and slot [M]: where each row went, so that
+    padded[expert, slot] == x)."""
     E, M = len(counts), x.shape[0]
-    m_max = int(counts.max()) if E else 0  # the one host sync: the padded shape
+    if sizes is not None:
+        m_max = max(sizes, default=0)
+    else:
+        m_max = int(counts.max()) if E else 0  # the one host sync: the padded shape
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)  # group of each row
     slot = torch.arange(M, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in it
     return x.new_zeros(E, m_max, x.shape[1]).index_put((expert, slot), x), expert, slot
@@ -46,9 +51,9 @@ class BmmExperts(ExpertBank):
         self.useful_flops = 0  # of the last forward
         self.padding_flops = 0
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         E, M = self.num_local_experts, x.shape[0]
-        padded, expert, slot = pad_by_expert(x, counts)
+        padded, expert, slot = pad_by_expert(x, counts, sizes)
         m_max = padded.shape[1]
         h3 = torch.bmm(padded, self.w3) if self.cfg.activation == "swiglu" else None
         y = torch.bmm(activate(torch.bmm(padded, self.w1), h3, self.cfg.activation), self.w2)
@@ -114,12 +119,15 @@ class GroupedExperts(ExpertBank):
         super().__init__(cfg, experts, ffn_slice)
         self.path = "not run yet"
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         ok, why = grouped_mm_support(x.device, x.dtype, self.cfg, reference_ok=self.use_reference_kernel,
                                      ffn_dim=self.w1.shape[-1])
         if not ok:
+            if sizes and len(set(sizes)) == 1:  # lesson 05's static shapes: every group the same size
+                self.path = f"bmm of equal groups: {why}"
+                return self._equal_groups(x, sizes[0])
             self.path = f"loop fallback: {why}"
-            return LoopExperts.forward(self, x, counts)
+            return LoopExperts.forward(self, x, counts, sizes)
         self.path = why
         offs = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group; no host sync
 
@@ -128,3 +136,9 @@ class GroupedExperts(ExpertBank):
 
         h3 = mm(x, self.w3) if self.cfg.activation == "swiglu" else None
         return mm(activate(mm(x, self.w1), h3, self.cfg.activation), self.w2)
+
+    def _equal_groups(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """A grouped GEMM whose groups all have m rows is a batched GEMM: [E, m, H] is a view of x, no padding."""
+        rows = x.reshape(self.num_local_experts, m, x.shape[1])
+        h3 = torch.bmm(rows, self.w3) if self.cfg.activation == "swiglu" else None
+        return torch.bmm(activate(torch.bmm(rows, self.w1), h3, self.cfg.activation), self.w2).reshape(x.shape)

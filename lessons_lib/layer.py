@@ -106,13 +106,18 @@ class MoELayer(nn.Module):
             raise ValueError(message)
         routing = self.router(x)
         rows, counts, state = self.dispatcher.dispatch(x, routing)
-        y = self.dispatcher.combine(self.experts(rows, counts), state)
+        y = self.dispatcher.combine(self.run_experts(rows, counts, state), state)
         E = self.cfg.num_experts
         demand = routing.tokens_per_expert(E)
         C = expert_capacity(self.cfg, x.shape[0])
         aux = MoEAux(load_balancing_loss(routing, E), router_z_loss(routing), demand, routing,
                      capacity=C, dropped=dropped_pairs(demand, C))
         return y, aux
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor, state) -> torch.Tensor:
+        """The expert bank on dispatched rows, given the row counts on the host too where the dispatcher
+        has them (`state.sizes`, lesson 03's all-to-all): then the bank has no host sync of its own."""
+        return self.experts(rows, counts, getattr(state, "sizes", None))
 
     def _input_problem(self, x) -> tuple[int, str] | None:
         """(code, message) if x cannot be this layer's input; the codes are those of
