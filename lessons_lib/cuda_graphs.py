@@ -179,6 +179,32 @@ def step_times(cfg: MoEConfig, tokens: int, device, steps: int = 50, warmup: int
     return out
 
 
+def plot_step_times(record: dict, path) -> None:
+    """Training step time of each bank three ways (dropless eager, static eager, static graph), from a record
+    with `banks` (images/cuda_graph_*.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    banks = list(record["banks"])
+    ways = (("dropless_eager_ms", "dropless, eager (lesson 03)"), ("static_eager_ms", "static shapes, eager"),
+            ("graph_ms", "static shapes, one CUDA graph"))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (key, label) in enumerate(ways):
+        vals = [record["banks"][b][key] for b in banks]
+        bars = ax.bar([j + (i - 1) * 0.27 for j in range(len(banks))], vals, 0.27, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(banks)), [f"alltoall + {b}" for b in banks])
+    ax.set(ylabel="ms per training step (median)",
+           title=f"{record['device']} × {record['world_size']}, {record['tokens_per_rank']} tokens per rank, "
+                 f"{record['config']['dtype']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     """torchrun --nproc-per-node N -m lessons_lib.cuda_graphs [--tokens 32] [--out FILE.json]: the bench's small
     shape, timed three ways (`step_times`), and a graph checked against eager steps (`compare_graph_with_eager`)."""
