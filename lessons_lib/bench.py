@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .config import MoEConfig
 from .experts_batched import flops_per_row
 from .layer import MoELayer
-from .timing import adamw_ms, dense_ffn_ms, make_adamw, median, timed_runs
+from .timing import adamw_ms, collective_latency, dense_ffn_ms, make_adamw, median, timed_runs
 
 REALISTIC = MoEConfig(num_experts=64, top_k=8, hidden_dim=7168, ffn_dim=2048, activation="swiglu", dtype="bfloat16")
 SHAPES = {  # name: (config, tokens per rank to run)
@@ -173,7 +173,8 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
 def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = False) -> dict:
     """The machine's limits at this size: all-to-all bus bandwidth at the dispatch's bytes, dense FFN rate;
     with `train_step`, also the AdamW update of a rank's share of the layer alone. A training step takes at
-    least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all)."""
+    least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all).
+    On a CPU, also what one collective of the dispatch's size costs after compute (`timing.collective_latency`)."""
     rows = tokens * cfg.top_k
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
     ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)  # with the input's gradient, as bench_one
@@ -181,6 +182,8 @@ def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = F
     if train_step:
         out["adamw_ms"] = adamw_ms(MoELayer(cfg, "alltoall", "grouped").to(device), steps, warmup=3)
         out["step_floor_ms"] = out["adamw_ms"] + ms
+    if device.type == "cpu":  # on a CPU every collective of a step also waits for the ranks' processes to wake
+        out["collective"] = collective_latency(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device)
     return out
 
 
@@ -335,6 +338,13 @@ def markdown(record: dict) -> str:
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
             f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
             f"{fmt(r.get('peak_mem_gb'), '.3g')} |")
+    for t, lim in record["limits"].items():
+        if "collective" in lim:
+            c = lim["collective"]
+            lines += ["", f"One all_to_all_single of the dispatch's size ({c['bytes_per_rank'] / 1e3:.0f} kB per rank, {t} "
+                      f"tokens per rank) takes {c['back_to_back_ms']:.2f} ms back to back, but {c['after_compute_ms']:.2f} ms "
+                      f"(90th percentile {c['after_compute_p90_ms']:.2f} ms) when the ranks arrive from the same computation, "
+                      "as at each collective of a training step (`timing.collective_latency`)."]
     for t, g in record.get("cuda_graph", {}).items():
         lines += ["", f"Lesson 05's static shapes, alltoall + grouped, {t} tokens per rank: every expert padded to "
                   f"C = {g['capacity']} rows per rank (nothing dropped, {100 * g['padding_fraction']:.0f}% of the rows "

@@ -9,8 +9,9 @@ work to fill the machine) and the CPU spends its time re-reading weights. Two wa
   most of what it multiplies is padding. It reports the FLOPs it spent on padding.
 - `GroupedExperts` runs one grouped GEMM over variable-size groups, given their offsets
   (`torch._grouped_mm`): no padding. Where no fast kernel exists for the device and dtype
-  (it needs bf16 on a Hopper-class GPU) it falls back to one bmm when every group has the same
-  size (lesson 05's static shapes), otherwise to the loop, and says which in `.path`.
+  (it needs bf16 on a Hopper-class GPU) it runs the same grouped GEMM written as a loop
+  (`LoopedGroupedMM`: one mm per group, each written in place), or one bmm when every group has
+  the same size (lesson 05's static shapes), and says which in `.path`.
 
 All three banks read the same stacked weights w1 [E, H, F], w2 [E, F, H] (and w3 [E, H, F]).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .config import MoEConfig
-from .experts import ExpertBank, LoopExperts, activate
+from .experts import ExpertBank, activate
 
 
 def flops_per_row(cfg: MoEConfig, ffn_dim: int | None = None) -> int:
@@ -108,6 +109,39 @@ def _probe_grouped_mm(device, dtype) -> None:
     torch._grouped_mm(a, w, offs=offs).square().sum().backward()
 
 
+class LoopedGroupedMM(torch.autograd.Function):
+    """A grouped GEMM written as a loop, for devices without a grouped GEMM kernel:
+    out[rows of group g] = x[rows of group g] @ w[g], for x [M, K] grouped by `sizes` and w [G, K, N].
+
+    The loop bank computes the same products, but each into a new tensor: forward concatenates the E
+    outputs, and backward (through `unbind`) stacks E separate weight gradients into one. Here every
+    product is written in place, into one [M, N] output and, in backward, into one [G, K, N] weight
+    gradient, as a grouped GEMM kernel does. On a CPU these small GEMMs are bound by memory traffic,
+    and the two copies they save are a good part of a training step (lesson 04 measures it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, sizes: list[int]):
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        out = x.new_empty(x.shape[0], w.shape[2])
+        for g, (rows, result) in enumerate(zip(x.split(sizes), out.split(sizes))):
+            torch.mm(rows, w[g], out=result)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(w)
+        grad_x_rows = grad_x.split(ctx.sizes) if grad_x is not None else [None] * len(ctx.sizes)
+        for g, (rows, grad_rows, grad_x_g) in enumerate(zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x_rows)):
+            torch.mm(rows.t(), grad_rows, out=grad_w[g])  # dW = Xᵀ·dY (all zeros for a group with no rows)
+            if grad_x_g is not None:
+                torch.mm(grad_rows, w[g].t(), out=grad_x_g)  # dX = dY·Wᵀ
+        return grad_x, grad_w, None
+
+
 class GroupedExperts(ExpertBank):
     """One grouped GEMM per weight matrix over all experts' rows, no padding; `.path` says how it ran."""
 
@@ -122,17 +156,21 @@ class GroupedExperts(ExpertBank):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         ok, why = grouped_mm_support(x.device, x.dtype, self.cfg, reference_ok=self.use_reference_kernel,
                                      ffn_dim=self.w1.shape[-1])
-        if not ok:
-            if sizes and len(set(sizes)) == 1:  # lesson 05's static shapes: every group the same size
+        if ok:
+            self.path = why
+            offs = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group; no host sync
+
+            def mm(a, w):
+                return torch._grouped_mm(a, w, offs=offs)
+        else:
+            sizes = counts.tolist() if sizes is None else sizes  # the loop needs them on the host
+            if sizes and len(set(sizes)) == 1:  # lesson 05's static shapes: one bmm, no padding
                 self.path = f"bmm of equal groups: {why}"
                 return self._equal_groups(x, sizes[0])
-            self.path = f"loop fallback: {why}"
-            return LoopExperts.forward(self, x, counts, sizes)
-        self.path = why
-        offs = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group; no host sync
+            self.path = f"grouped GEMM as a loop of mm: {why}"
 
-        def mm(a, w):
-            return torch._grouped_mm(a, w, offs=offs)
+            def mm(a, w):
+                return LoopedGroupedMM.apply(a, w, sizes)
 
         h3 = mm(x, self.w3) if self.cfg.activation == "swiglu" else None
         return mm(activate(mm(x, self.w1), h3, self.cfg.activation), self.w2)

@@ -106,6 +106,41 @@ def timed_runs(fn, steps: int, warmup: int, device, group=None, collective: bool
     return times
 
 
+def collective_latency(nbytes: int, device, steps: int = 100, warmup: int = 10, group=None) -> dict:
+    """How long one all_to_all_single of `nbytes` per rank takes, two ways (ms, the slowest rank's time per call):
+
+    back_to_back_ms: median, calls issued one after the other: the collective's own cost;
+    after_compute_ms, after_compute_p90_ms: median and 90th percentile when every rank first does the same
+        few milliseconds of matrix work, as the ranks of a training step arrive at each of their collectives.
+    The compute is identical on every rank, so the difference is not one rank waiting for a slower one's work:
+    it is what it costs to wake the waiting processes. On a small virtual machine it can be milliseconds
+    (lesson 03 measures it), and a layer pays it at every collective of every step."""
+    N = dist.get_world_size(group)
+    send = torch.zeros(max(N, nbytes // 4 // N * N), device=device)
+    recv = torch.empty_like(send)
+    work = torch.randn(384, 384, device=device)
+
+    def exchange():
+        dist.all_to_all_single(recv, send, group=group)
+
+    def compute_then_exchange():
+        for _ in range(4):
+            work @ work  # a few ms on one CPU core, the same on every rank
+        _sync(device)
+        t0 = time.perf_counter()
+        exchange()
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    back_to_back = median(timed_runs(exchange, steps, warmup, device, group))
+    waits = [compute_then_exchange() for _ in range(warmup + steps)][warmup:]
+    t = torch.tensor(waits, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    waits = sorted(t.tolist())
+    return {"bytes_per_rank": send.numel() * 4, "back_to_back_ms": back_to_back,
+            "after_compute_ms": median(waits), "after_compute_p90_ms": waits[(9 * len(waits)) // 10]}
+
+
 def median(values) -> float:
     return statistics.median(values)
 
@@ -162,7 +197,8 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
 def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"), experts: str = "loop",
                         steps: int = 30, warmup: int = 10, device=None, group=None) -> dict:
     """Step time (median ms, slowest rank) and bytes sent per rank of each dispatcher on the same
-    setting, plus the floors of `step_floors`. Every rank of `group` calls it together."""
+    setting, plus the floors of `step_floors` and what one collective of the dispatch's size costs here
+    (`collective_latency`). Every rank of `group` calls it together."""
     from .layer import MoELayer
 
     device = device if device is not None else torch.device("cpu")
@@ -178,6 +214,7 @@ def compare_dispatchers(cfg, tokens: int, dispatchers=("allgather", "alltoall"),
                      "sent_bytes_max_rank": traffic[0].item(), "useful_bytes_max_rank": traffic[1].item()}
     rows = tokens * cfg.top_k  # the rows one rank's experts process on average, balanced
     out["floors"] = step_floors(layer, rows, steps=steps, warmup=5, group=group)
+    out["collective"] = collective_latency(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, group=group)
     return out
 
 

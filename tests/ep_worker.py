@@ -63,6 +63,18 @@ def equality_cases(N):
         yield dispatcher, "grouped", deepseek, "sigmoid_bias, 2 of 4 groups", [8] * N, "random"
 
 
+def looped_grouped_cases(N):
+    """The grouped bank where no grouped GEMM kernel exists (a CPU, fp32): `LoopedGroupedMM`, including
+    experts that get no rows (their weight gradient must be zero) and a rank with no tokens at all."""
+    base = dict(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+    for dispatcher in ("allgather", "alltoall"):
+        for activation in ("gelu", "swiglu"):
+            cfg = MoEConfig(**base, activation=activation)
+            yield dispatcher, "grouped", cfg, "loop of mm: random", [8] * N, "random"
+            yield dispatcher, "grouped", cfg, "loop of mm: one_expert", [8] * N, "one_expert"
+            yield dispatcher, "grouped", cfg, "loop of mm: uneven tokens", [0, 6, 12, 5][:N], "random"
+
+
 def traffic_check(rank, N, device):
     """Measured bytes vs bytes expected from the routing itself (fp32: 4 bytes, int64: 8)."""
     cfg = MoEConfig(num_experts=4 * N, top_k=2, hidden_dim=16, ffn_dim=32)
@@ -125,14 +137,16 @@ def main():
     p = runtime.params()
     result = {}
     if p["mode"] == "equality":
-        GroupedExperts.use_reference_kernel = True  # check torch._grouped_mm itself, even on a CPU
         rows = []
-        for dispatcher, bank, cfg, name, tokens, routing in equality_cases(world_size):
+        cases = [(True, case) for case in equality_cases(world_size)]  # check torch._grouped_mm itself, even on a CPU
+        cases += [(False, case) for case in looped_grouped_cases(world_size)]  # and the loop of mm a CPU runs instead
+        for reference_kernel, (dispatcher, bank, cfg, name, tokens, routing) in cases:
+            GroupedExperts.use_reference_kernel = reference_kernel
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device)
             row = {"dispatcher": dispatcher, "experts": bank, "activation": cfg.activation, "case": name,
                    "worst": max(errors.values()), "errors": errors}
-            if bank == "grouped":  # which path such a layer takes here: the grouped GEMM, not its loop fallback
+            if bank == "grouped":  # which path such a layer took here: torch._grouped_mm, or the loop of mm
                 probe = MoELayer(cfg, dispatcher, bank).to(device)
                 probe(torch.randn(tokens[rank], cfg.hidden_dim, device=device))
                 row["path"] = probe.experts.path

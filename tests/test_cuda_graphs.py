@@ -61,8 +61,8 @@ def test_grouped_bank_runs_equal_groups_as_one_bmm():
     assert relative_error(xs[0].grad, xs[1].grad) <= TOLERANCE
     for name in ("w1", "w2", "w3"):
         assert relative_error(getattr(grouped, name).grad, getattr(loop, name).grad) <= TOLERANCE
-    grouped(x, torch.tensor([5, 3, 4]), [5, 3, 4])  # unequal groups: the loop
-    assert grouped.path.startswith("loop fallback")
+    grouped(x, torch.tensor([5, 3, 4]), [5, 3, 4])  # unequal groups: one mm per group
+    assert grouped.path.startswith("grouped GEMM as a loop of mm")
 
 
 def test_graphed_step_refuses_a_cpu_layer_and_a_dropless_one():

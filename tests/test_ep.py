@@ -16,13 +16,18 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     cases_per_variant = 8 if nproc > 1 else 7
     bank_cases = 6 if nproc > 1 else 5  # bmm and grouped behind allgather and alltoall
     capacity_cases = 3 * (2 * 3 + 2)  # 3 policy/bank variants; allgather and alltoall: 3 cases each, tp: 2
-    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * bank_cases + capacity_cases + 3
+    looped_cases = 2 * 2 * 3  # the grouped bank's loop of mm, as a CPU runs it
+    assert len(rows) == 2 * 2 * cases_per_variant + 2 * 2 * 3 + 2 * 2 * bank_cases + capacity_cases + 3 + looped_cases
     assert sum("capacity" in r["case"] for r in rows) == capacity_cases
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
-    paths = {r["path"] for r in rows if r["experts"] == "grouped"}
-    assert paths == {"torch._grouped_mm (reference kernel)"}, paths  # the grouped GEMM ran, not the fallback
+    def paths(looped):
+        return {r["path"].split(":")[0] for r in rows if r["experts"] == "grouped" and r["case"].startswith("loop of mm") == looped}
+    assert paths(False) == {"torch._grouped_mm (reference kernel)"}, paths(False)  # the grouped GEMM ran, not the loop
+    # the loop of mm a CPU runs (a rank whose groups are all empty takes the equal-groups bmm)
+    assert "grouped GEMM as a loop of mm" in paths(True), paths(True)
+    assert paths(True) <= {"grouped GEMM as a loop of mm", "bmm of equal groups"}, paths(True)
     # every error, not just the worst: NaN > TOLERANCE is False, and max() can skip a NaN
     bad = [(r["dispatcher"], r["experts"], r["activation"], r["case"], r["errors"]) for r in rows
            if not all(e <= TOLERANCE for e in r["errors"].values())]

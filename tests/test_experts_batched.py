@@ -9,16 +9,17 @@ from lessons_lib.experts_batched import BmmExperts, GroupedExperts, flops_per_ro
 
 COUNTS = {
     "balanced": [4, 4, 4, 4],
+    "uneven": [5, 1, 0, 2],
     "with empty groups": [0, 7, 0, 3],
     "all in one group": [0, 0, 11, 0],
     "no rows at all": [0, 0, 0, 0],
 }
 
 
-@pytest.mark.parametrize("bank", [BmmExperts, GroupedExperts])
+@pytest.mark.parametrize("bank, reference_kernel", [(BmmExperts, False), (GroupedExperts, True), (GroupedExperts, False)])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(COUNTS))
-def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
+def test_bank_equals_the_loop_in_outputs_and_gradients(bank, reference_kernel, activation, case):
     cfg = MoEConfig(num_experts=4, hidden_dim=8, ffn_dim=16, activation=activation, seed=2)
     counts = torch.tensor(COUNTS[case])
     x = torch.randn(int(counts.sum()), 8, generator=torch.Generator().manual_seed(0))
@@ -26,7 +27,7 @@ def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
     results = []
     for cls in (LoopExperts, bank):
         b = cls(cfg, range(4))
-        b.use_reference_kernel = True  # the grouped bank runs torch._grouped_mm itself, not its fallback
+        b.use_reference_kernel = reference_kernel  # grouped: torch._grouped_mm itself, or the loop of mm a CPU runs
         xi = x.clone().requires_grad_()
         y = b(xi, counts)
         (y * g).sum().backward()
@@ -35,7 +36,10 @@ def test_bank_equals_the_loop_in_outputs_and_gradients(bank, activation, case):
     (y0, gx0, gw0), (y1, gx1, gw1) = results
     assert y1.shape == y0.shape
     if bank is GroupedExperts:
-        assert b.path == "torch._grouped_mm (reference kernel)"
+        equal = len(set(COUNTS[case])) == 1  # equal groups take one bmm where there is no grouped GEMM kernel
+        expected = ("torch._grouped_mm (reference kernel)" if reference_kernel else
+                    "bmm of equal groups" if equal else "grouped GEMM as a loop of mm")
+        assert b.path.startswith(expected), b.path
     assert relative_error(y1, y0) <= 1e-5 and relative_error(gx1, gx0) <= 1e-5
     for name in gw0:
         assert relative_error(gw1[name], gw0[name]) <= 1e-5, name
@@ -52,13 +56,13 @@ def test_bmm_counts_its_padding_flops():
     assert bank.padding_flops == 0
 
 
-def test_grouped_bank_says_which_path_it_took():  # by default a CPU takes the loop fallback
+def test_grouped_bank_says_which_path_it_took():  # by default a CPU runs the grouped GEMM as a loop of mm
     cfg = MoEConfig(num_experts=2, hidden_dim=8, ffn_dim=8)
     bank = GroupedExperts(cfg, range(2))
     assert bank.path == "not run yet"
     bank(torch.randn(3, 8), torch.tensor([1, 2]))
     ok, why = grouped_mm_support(torch.device("cpu"), torch.float32, cfg)
-    assert not ok and bank.path == f"loop fallback: {why}"
+    assert not ok and bank.path == f"grouped GEMM as a loop of mm: {why}"
 
 
 def test_grouped_bank_falls_back_when_its_tensor_parallel_slice_is_misaligned(monkeypatch):
@@ -69,7 +73,7 @@ def test_grouped_bank_falls_back_when_its_tensor_parallel_slice_is_misaligned(mo
     loop.load_state_dict(bank.state_dict())
     x, counts = torch.randn(5, 16), torch.tensor([2, 3])
     torch.testing.assert_close(bank(x, counts), loop(x, counts))  # the grouped GEMM would have raised
-    assert bank.path.startswith("loop fallback") and "(6)" in bank.path
+    assert bank.path.startswith("grouped GEMM as a loop of mm") and "(6)" in bank.path
 
 
 @pytest.mark.parametrize("experts", ["bmm", "grouped"])
