@@ -18,6 +18,7 @@ All three banks read the same stacked weights w1 [E, H, F], w2 [E, F, H] (and w3
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .config import MoEConfig
 from .experts import ExpertBank, activate
@@ -111,17 +112,20 @@ def _probe_grouped_mm(device, dtype) -> None:
 
 class LoopedGroupedMM(torch.autograd.Function):
     """A grouped GEMM written as a loop, for devices without a grouped GEMM kernel:
-    out[rows of group g] = x[rows of group g] @ w[g], for x [M, K] grouped by `sizes` and w [G, K, N].
+    out[rows of group g] = x[rows of group g] @ w[g], for x [M, K] grouped by `sizes` (one int per group,
+    summing to M) and w [G, K, N].
 
     The loop bank computes the same products, but each into a new tensor: forward concatenates the E
     outputs, and backward (through `unbind`) stacks E separate weight gradients into one. Here every
     product is written in place, into one [M, N] output and, in backward, into one [G, K, N] weight
-    gradient, as a grouped GEMM kernel does. On a CPU these small GEMMs are bound by memory traffic,
-    and the two copies they save are a good part of a training step (lesson 04 measures it).
+    gradient, as a grouped GEMM kernel does: no copies (lesson 04 measures what that saves on a CPU).
     """
 
     @staticmethod
     def forward(ctx, x, w, sizes: list[int]):
+        if len(sizes) != w.shape[0] or sum(sizes) != x.shape[0]:
+            raise ValueError(f"sizes must give one row count per group ({w.shape[0]}) summing to the rows of x "
+                             f"({x.shape[0]}), got {sizes}")
         ctx.save_for_backward(x, w)
         ctx.sizes = sizes
         out = x.new_empty(x.shape[0], w.shape[2])
@@ -130,15 +134,19 @@ class LoopedGroupedMM(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # backward writes with out=, which autograd cannot differentiate again
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w)
-        grad_x_rows = grad_x.split(ctx.sizes) if grad_x is not None else [None] * len(ctx.sizes)
-        for g, (rows, grad_rows, grad_x_g) in enumerate(zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x_rows)):
-            torch.mm(rows.t(), grad_rows, out=grad_w[g])  # dW = Xᵀ·dY (all zeros for a group with no rows)
-            if grad_x_g is not None:
-                torch.mm(grad_rows, w[g].t(), out=grad_x_g)  # dX = dY·Wᵀ
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(w) if need_w else None
+        x_rows, grad_rows = x.split(ctx.sizes), grad.split(ctx.sizes)
+        grad_x_rows = grad_x.split(ctx.sizes) if need_x else [None] * len(ctx.sizes)
+        for g in range(len(ctx.sizes)):
+            if need_w:
+                torch.mm(x_rows[g].t(), grad_rows[g], out=grad_w[g])  # dW = Xᵀ·dY (zeros for a group with no rows)
+            if need_x:
+                torch.mm(grad_rows[g], w[g].t(), out=grad_x_rows[g])  # dX = dY·Wᵀ
         return grad_x, grad_w, None
 
 

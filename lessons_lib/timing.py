@@ -107,38 +107,44 @@ def timed_runs(fn, steps: int, warmup: int, device, group=None, collective: bool
 
 
 def collective_latency(nbytes: int, device, steps: int = 100, warmup: int = 10, group=None) -> dict:
-    """How long one all_to_all_single of `nbytes` per rank takes, two ways (ms, the slowest rank's time per call):
+    """What one all_to_all_single of `nbytes` per rank costs, in ms:
 
-    back_to_back_ms: median, calls issued one after the other: the collective's own cost;
+    back_to_back_ms: median (slowest rank), calls issued one after the other: the collective's own cost;
     after_compute_ms, after_compute_p90_ms: median and 90th percentile when every rank first does the same
-        few milliseconds of matrix work, as the ranks of a training step arrive at each of their collectives.
-    The compute is identical on every rank, so the difference is not one rank waiting for a slower one's work:
-    it is what it costs to wake the waiting processes. On a small virtual machine it can be milliseconds
-    (lesson 03 measures it), and a layer pays it at every collective of every step."""
+        matrix work (a few ms on one CPU core), as the ranks of a training step arrive at each collective.
+        Counted from the moment the last rank arrives until every rank is done, so no rank's wait for a
+        slower rank's work is in it;
+    arrival_spread_ms: median time between the first and the last rank's arrival.
+    The last two compare clocks across ranks: the ranks must share one machine (torchrun --standalone).
+    On a small virtual machine the exchange after compute can take many times its back-to-back cost: a
+    process asleep in a collective is slow to wake (lesson 03 measures it), and a step pays it at each one."""
     N = dist.get_world_size(group)
     send = torch.zeros(max(N, nbytes // 4 // N * N), device=device)
     recv = torch.empty_like(send)
-    work = torch.randn(384, 384, device=device)
+    work = torch.randn(384, 384, generator=torch.Generator().manual_seed(0)).to(device)
 
     def exchange():
         dist.all_to_all_single(recv, send, group=group)
 
-    def compute_then_exchange():
+    back_to_back = median(timed_runs(exchange, steps, warmup, device, group))
+    arrive, done = [], []
+    for _ in range(warmup + steps):
         for _ in range(4):
-            work @ work  # a few ms on one CPU core, the same on every rank
+            work @ work  # the same on every rank
         _sync(device)
-        t0 = time.perf_counter()
+        arrive.append(time.perf_counter())
         exchange()
         _sync(device)
-        return (time.perf_counter() - t0) * 1e3
-
-    back_to_back = median(timed_runs(exchange, steps, warmup, device, group))
-    waits = [compute_then_exchange() for _ in range(warmup + steps)][warmup:]
-    t = torch.tensor(waits, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    waits = sorted(t.tolist())
+        done.append(time.perf_counter())
+    on = device if device.type == "cuda" else "cpu"
+    t = torch.tensor([arrive[warmup:], done[warmup:]], dtype=torch.float64, device=on)
+    latest, earliest = t.clone(), t[0].clone()
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(earliest, op=dist.ReduceOp.MIN, group=group)
+    after = sorted(((latest[1] - latest[0]) * 1e3).tolist())  # last arrival -> every rank done
     return {"bytes_per_rank": send.numel() * 4, "back_to_back_ms": back_to_back,
-            "after_compute_ms": median(waits), "after_compute_p90_ms": waits[(9 * len(waits)) // 10]}
+            "after_compute_ms": median(after), "after_compute_p90_ms": after[(9 * len(after)) // 10],
+            "arrival_spread_ms": median(((latest[0] - earliest) * 1e3).tolist())}
 
 
 def median(values) -> float:

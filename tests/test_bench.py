@@ -53,6 +53,7 @@ def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
     sync = lim["collective"]  # on a CPU: one collective of the dispatch's size, back to back and after compute
     assert sync["bytes_per_rank"] == 8 * k * H * 4
     assert 0 < sync["back_to_back_ms"] < 1e3 and 0 < sync["after_compute_ms"] <= sync["after_compute_p90_ms"] < 1e3
+    assert 0 <= sync["arrival_spread_ms"] < 1e3
     table = out.with_suffix(".md").read_text()
     assert table == markdown(record) and "| alltoall | grouped | 8 |" in table
     assert "takes " in table and "back to back" in table
