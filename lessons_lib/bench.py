@@ -342,10 +342,10 @@ def markdown(record: dict) -> str:
         if "collective" in lim:
             c = lim["collective"]
             lines += ["", f"One all_to_all_single of the dispatch's size ({c['bytes_per_rank'] / 1024:.0f} KiB per rank, {t} "
-                      f"tokens per rank) takes {c['back_to_back_ms']:.2f} ms back to back, but {c['after_compute_ms']:.2f} ms "
-                      f"(90th percentile {c['after_compute_p90_ms']:.2f} ms) from the last rank's arrival when the ranks come "
-                      f"from the same computation, as at each collective of a training step; they arrived "
-                      f"{c['arrival_spread_ms']:.2f} ms apart (median; `timing.collective_latency`)."]
+                      f"tokens per rank) takes {c['back_to_back_ms']:.2f} ms back to back. When the ranks come from the same "
+                      f"computation, as at each collective of a training step, it takes {c['after_compute_ms']:.2f} ms at the "
+                      f"median and {c['after_compute_p90_ms']:.2f} ms at the 90th percentile, from the last rank's arrival; "
+                      f"the ranks arrived {c['arrival_spread_ms']:.2f} ms apart (median; `timing.collective_latency`)."]
     for t, g in record.get("cuda_graph", {}).items():
         lines += ["", f"Lesson 05's static shapes, alltoall + grouped, {t} tokens per rank: every expert padded to "
                   f"C = {g['capacity']} rows per rank (nothing dropped, {100 * g['padding_fraction']:.0f}% of the rows "
