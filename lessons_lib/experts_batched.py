@@ -141,7 +141,7 @@ class LoopedGroupedMM(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None
         x_rows, grad_rows = x.split(ctx.sizes), grad.split(ctx.sizes)
-        grad_x_rows = grad_x.split(ctx.sizes) if need_x else [None] * len(ctx.sizes)
+        grad_x_rows = grad_x.split(ctx.sizes) if need_x else None
         for g in range(len(ctx.sizes)):
             if need_w:
                 torch.mm(x_rows[g].t(), grad_rows[g], out=grad_w[g])  # dW = Xᵀ·dY (zeros for a group with no rows)

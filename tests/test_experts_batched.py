@@ -20,9 +20,10 @@ COUNTS = {
 def uninitialised_memory_is_nan():
     """Deterministic mode fills every torch.empty with NaN: a gradient slice a bank forgot to write then fails
     the comparison instead of passing by chance with whatever the allocator returned."""
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before)
 
 
 @pytest.mark.parametrize("bank, reference_kernel", [(BmmExperts, False), (GroupedExperts, True), (GroupedExperts, False)])
