@@ -62,7 +62,8 @@ def read_tagged_cells(notebook: str | Path, tags: list[str]) -> list[TaggedCell]
                 f"line {line}: {e.msg} ({(e.text or '').strip()!r}); IPython magics and `import *` are not allowed"
             ) from None
         except (tokenize.TokenError, IndentationError) as e:
-            raise ValueError(f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) is not plain Python: {e}") from None
+            raise ValueError(f"{Path(notebook).name} cell {i + 1} (tags {cell_tags}) is not plain Python: "
+                             f"{e}") from None
         cells.append(TaggedCell(i + 1, cell_tags, body, first_line, c.get("id")))
     return cells
 

@@ -64,18 +64,21 @@ def pick_backend(nproc: int | None = None, backend: str | None = None) -> tuple[
 def find_notebook(notebook: str | os.PathLike | None = None) -> Path:
     """The notebook file whose cells to run.
 
-    A bare file name is looked up in the course's notebooks/ folder first, then in the current
-    directory, so `notebook="01_single_device_moe.ipynb"` works from any working directory
-    (papermill, a test, a shell); a path with folders is taken relative to the current directory. Without one, the path is asked of the
-    editor (VS Code's __vsc_ipynb_file__, Jupyter's JPY_SESSION_NAME).
+    A bare file name is looked up in $LAUNCHER_NOTEBOOK_DIR first (the grader sets it to a student's folder),
+    then in the course's notebooks/ folder, then in the current directory, so `notebook="01_single_device_moe.ipynb"`
+    works from any working directory (papermill, a test, a shell); a path with folders is taken relative to the
+    current directory. Without one, the path is asked of the editor (VS Code's __vsc_ipynb_file__, Jupyter's
+    JPY_SESSION_NAME).
     """
     tried = []
     if notebook is not None:
         p = Path(notebook).expanduser()
         if p.is_absolute():
             candidates = [p]
-        elif p.parent == Path("."):  # a bare name: the course's own notebook first (papermill's working
-            candidates = [NOTEBOOKS / p, p]  # directory holds the executed copy under the same name)
+        elif p.parent == Path("."):  # a bare name: the course's own notebook before the working directory's
+            # (papermill's working directory holds the executed copy under the same name)
+            first = [Path(os.environ["LAUNCHER_NOTEBOOK_DIR"]) / p] if os.environ.get("LAUNCHER_NOTEBOOK_DIR") else []
+            candidates = [*first, NOTEBOOKS / p, p]
         else:
             candidates = [p, NOTEBOOKS / p]
     else:
@@ -240,7 +243,9 @@ def _launch(script, search_path, nproc, backend, extra_env, timeout, torchrun_ar
     try:
         (run_dir / "script.py").write_text(script)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(search_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # The course is installed (pip install -e .); the script's own folder is importable beside it, as it would
+        # be for a script run where it lies (run_script's tests/ep_worker.py).
+        env["PYTHONPATH"] = os.pathsep.join([str(search_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.update(PYTHONUNBUFFERED="1", LAUNCHER_BACKEND=backend, LAUNCHER_RUN_DIR=str(run_dir),
                    LAUNCHER_RESULT=str(run_dir / "result.json"), **extra_env)
         # torchrun would set 1 thread per rank and print a warning about it; share the cores instead.

@@ -1,14 +1,29 @@
 """The companion library of the MoE expert-parallelism course.
 
-Each module is one idea of one lesson; its docstring says which.
+Three kinds of module, one folder each; every module names the lesson that defines it:
+    lessons_lib.moe     the layer's parts: config, router, dispatchers, expert banks, the layer itself
+    lessons_lib.lab     measurement: timing, the machine's limits, traffic, equivalence proofs, benchmarks, figures
+    lessons_lib.course  course tools: the toy task and its trainer, the exercises and their checker
+The layer's parts import nothing from the other two.
 """
-from .config import MoEConfig
-from .distributed import experts_of_rank, rank_and_size
-from .init import init_full_state_dict
-from .layer import DISPATCHERS, EXPERT_BANKS, ROUTERS, MoEAux, MoELayer
-from .router import Routing, TopKRouter, load_balancing_loss
+from .moe import (
+    DISPATCHERS,
+    EXPERT_BANKS,
+    ROUTERS,
+    Dispatcher,
+    DispatchState,
+    MoEAux,
+    MoEConfig,
+    MoELayer,
+    Routing,
+    TopKRouter,
+    experts_of_rank,
+    init_full_state_dict,
+    load_balancing_loss,
+    rank_and_size,
+)
 
 __all__ = [
-    "DISPATCHERS", "EXPERT_BANKS", "ROUTERS", "MoEAux", "MoEConfig", "MoELayer", "Routing", "TopKRouter",
-    "experts_of_rank", "init_full_state_dict", "load_balancing_loss", "rank_and_size",
+    "DISPATCHERS", "EXPERT_BANKS", "ROUTERS", "Dispatcher", "DispatchState", "MoEAux", "MoEConfig", "MoELayer",
+    "Routing", "TopKRouter", "experts_of_rank", "init_full_state_dict", "load_balancing_loss", "rank_and_size",
 ]

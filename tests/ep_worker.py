@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from launcher import runtime
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.dispatch_alltoall import AllToAll
-from lessons_lib.experts_batched import GroupedExperts
-from lessons_lib.equivalence import compare_with_single_device
+from lessons_lib.lab.equivalence import compare_with_single_device
+from lessons_lib.moe.dispatch_alltoall import AllToAll
+from lessons_lib.moe.experts_batched import GroupedExperts
 
 
 def equality_cases(N):
@@ -46,8 +46,8 @@ def equality_cases(N):
             if N > 1:
                 yield dispatcher, "loop", cfg, "receives_nothing", even, "receives_nothing"
             yield dispatcher, "loop", MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", even, "random"
-            yield dispatcher, "loop", MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation), \
-                "E=N", even, "random"
+            e_is_n = MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation)
+            yield dispatcher, "loop", e_is_n, "E=N", even, "random"
             yield dispatcher, "loop", cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"
             yield dispatcher, "loop", cfg, "a rank with zero tokens", [0, 6, 0, 9][:N], "random"
     for dispatcher in ("allgather", "alltoall", "tp"):  # lesson 05: capacity, drops decided per rank
@@ -58,7 +58,8 @@ def equality_cases(N):
             yield dispatcher, bank, cfg, f"{name}: one_expert", [8] * N, "one_expert"
             if dispatcher != "tp":
                 yield dispatcher, bank, cfg, f"{name}: uneven tokens", [8, 3, 12, 0][:N], "random"
-    deepseek = MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=4, topk_groups=2, routed_scaling_factor=2.5)
+    deepseek = MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=4, topk_groups=2,
+                         routed_scaling_factor=2.5)
     for dispatcher in ("allgather", "alltoall", "tp"):  # lesson 06's router
         yield dispatcher, "grouped", deepseek, "sigmoid_bias, 2 of 4 groups", [8] * N, "random"
 
@@ -99,7 +100,8 @@ def traffic_check(rank, N, device):
                         "useful": (leaving + arriving) * row}
         t = layer.dispatcher.traffic
         measured = {p: v.sent for p, v in t.phases.items()} | {"useful": t.useful}
-        out[name] = {"measured": measured, "expected": expected, "received": {p: v.received for p, v in t.phases.items()}}
+        received = {p: v.received for p, v in t.phases.items()}
+        out[name] = {"measured": measured, "expected": expected, "received": received}
         if name == "alltoall":  # what arrives: the rows other ranks route here, and their results back
             out[name]["expected_received"] = {"dispatch": arriving * row, "combine": leaving * row,
                                               "counts": (N - 1) * 6 * 8}
@@ -181,7 +183,8 @@ def main():
                 except ValueError as e:
                     messages[f"{dispatcher}/{bad}"] = str(e)
             layer(torch.randn(4, 16, device=device))  # the group still works afterwards
-        for key, make in (("divisible", lambda: MoELayer(MoEConfig(num_experts=2 * world_size + 1, top_k=2), "alltoall")),
+        for key, make in (("divisible",
+                           lambda: MoELayer(MoEConfig(num_experts=2 * world_size + 1, top_k=2), "alltoall")),
                           ("tp divisible", lambda: MoELayer(MoEConfig(ffn_dim=4 * world_size + 1), "tp"))):
             try:
                 make()
@@ -213,7 +216,8 @@ def main():
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result = {"forward": diffs[0].item(), "backward": diffs[1].item()}
     elif p["mode"] == "exercise":
-        from lessons_lib.exercises import alltoall_backward, run_check
+        from lessons_lib.course.checker import run_check
+        from lessons_lib.course.exercises import alltoall_backward
 
         def stub(grad, in_splits, out_splits):
             raise NotImplementedError
@@ -235,7 +239,7 @@ def main():
         assert all(s == every[0] for s in every), every
         result = every[0]
     elif p["mode"] == "ep_vs_tp":  # lesson 07's comparison at any group size
-        from lessons_lib.ep_vs_tp import measure_ep_vs_tp
+        from lessons_lib.lab.ep_vs_tp import measure_ep_vs_tp
 
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=8 * world_size)
         r = measure_ep_vs_tp(cfg, tokens=2 * world_size, device=device, steps=1, warmup=0)
@@ -244,7 +248,7 @@ def main():
         result |= {f"{name}, same batch": [r[name]["counted_bytes"], r[name]["model_bytes"], r[name]["tokens_per_rank"]]
                    for name in ("ep", "tp")}
     elif p["mode"] == "bias":
-        from lessons_lib.load_balancing import SigmoidBiasRouter, update_expert_bias
+        from lessons_lib.moe.load_balancing import SigmoidBiasRouter, update_expert_bias
 
         router = SigmoidBiasRouter(MoEConfig(num_experts=4, top_k=2, hidden_dim=8, router="sigmoid_bias")).to(device)
         mine = torch.tensor([[6, 0, 1, 1], [0, 2, 3, 3]][rank % 2], device=device)  # global (2 ranks): 6 2 4 4
@@ -253,7 +257,7 @@ def main():
         dist.all_gather_object(every, router.expert_bias.tolist())
         result = every
     elif p["mode"] == "train_ep":  # toy.train under EP: the replicated router and bias stay the same everywhere
-        from lessons_lib.toy import ToyTask, train
+        from lessons_lib.course.toy import ToyTask, train
 
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias")
         layer = MoELayer(cfg, "alltoall").to(device)
@@ -261,7 +265,7 @@ def main():
               progress=False)
         every = [None] * world_size
         dist.all_gather_object(every, [layer.router.weight.detach().cpu(), layer.router.expert_bias.cpu()])
-        from lessons_lib.distributed import all_reduce_grads
+        from lessons_lib.moe.distributed import all_reduce_grads
 
         w = layer.router.weight  # a rank without a gradient joins the sum with zeros instead of hanging
         w.grad = torch.ones_like(w) if rank == 0 else None
@@ -272,7 +276,7 @@ def main():
                   "router_diff": max((w - every[0][0]).abs().max().item() for w, _ in every),
                   "bias_diff": max((b - every[0][1]).abs().max().item() for _, b in every)}
     elif p["mode"] == "ep_dp":
-        from lessons_lib.equivalence import compare_ep_dp_step
+        from lessons_lib.lab.equivalence import compare_ep_dp_step
 
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
         result = {bank: compare_ep_dp_step(cfg, ep_size=2, experts=bank, device=device) for bank in ("loop", "grouped")}

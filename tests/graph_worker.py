@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from launcher import runtime
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib import dispatch_alltoall
-from lessons_lib.cuda_graphs import compare_graph_with_eager, static_dropless
-from lessons_lib.equivalence import compare_with_single_device
+from lessons_lib.lab.equivalence import compare_with_single_device
+from lessons_lib.lab.graph_times import compare_graph_with_eager
+from lessons_lib.moe import dispatch_alltoall
+from lessons_lib.moe.capacity import static_dropless
 
 
 class HostRead(RuntimeError):

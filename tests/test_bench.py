@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from lessons_lib.bench import SHAPES, layer_flops, markdown
+from launcher.run import REPO
+from lessons_lib.lab.bench import layer_flops, markdown
+from lessons_lib.lab.shapes import SHAPES
 
 
 def _run_or_kill(cmd: list, timeout: float) -> None:
@@ -28,7 +29,7 @@ def _run_or_kill(cmd: list, timeout: float) -> None:
 def test_bench_suite_runs_on_gloo_and_writes_its_record(nproc, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lessons_lib.bench", "--shape", "small", "--tokens", "8", "--steps", "2", "--warmup", "1",
+           "-m", "lessons_lib.lab.bench", "--shape", "small", "--tokens", "8", "--steps", "2", "--warmup", "1",
            "--experts", "loop", "grouped", "--out", str(out)]
     _run_or_kill(cmd, timeout=600)
     record = json.loads(out.read_text())
@@ -68,10 +69,34 @@ def test_the_dense_ffn_reference_runs_the_flops_it_is_credited_with(activation, 
     from torch.utils.flop_counter import FlopCounterMode
 
     from lessons_lib import MoEConfig
-    from lessons_lib.experts_batched import flops_per_row
-    from lessons_lib.timing import dense_ffn_ms
+    from lessons_lib.lab.limits import dense_ffn_ms
+    from lessons_lib.moe.experts_batched import flops_per_row
 
     cfg = MoEConfig(hidden_dim=32, ffn_dim=64, activation=activation)
     with FlopCounterMode(display=False) as counter:
         dense_ffn_ms(cfg, 16, torch.device("cpu"), steps=1, warmup=0, input_grad=input_grad)
     assert counter.get_total_flops() == pytest.approx(share * 3 * 16 * flops_per_row(cfg))
+
+
+def test_bench_started_without_torchrun_says_how_to_run_it_in_one_line():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "lessons_lib.lab.bench", "--shape", "small"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "lessons_lib.lab.bench runs on every rank under torchrun: torchrun --standalone --nproc-per-node 2 "
+        "-m lessons_lib.lab.bench --shape small  (or: make bench)"]
+
+
+def test_the_markdown_table_has_as_many_separators_as_columns():
+    import glob
+
+    for path in glob.glob(str(REPO / "images" / "bench_*.md")) + [None]:
+        record = json.loads((REPO / "images" / "bench_small_cpu.json").read_text())
+        text = open(path).read() if path else markdown(record)
+        rows = [line for line in text.splitlines() if line.startswith("| dispatcher")]
+        for header in rows:
+            sep = text.splitlines()[text.splitlines().index(header) + 1]
+            assert header.count("|") == sep.count("|"), path

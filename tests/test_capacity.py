@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.capacity import dropped_pairs, expert_capacity, padding_rows, select_within_capacity
-from lessons_lib.dispatch_local import rows_by_expert
+from lessons_lib.moe.capacity import dropped_pairs, expert_capacity, padding_rows, select_within_capacity
+from lessons_lib.moe.dispatch_local import rows_by_expert
 
 
 def test_capacity_formula_is_exact():

@@ -1,6 +1,6 @@
 import pytest
 
-from lessons_lib.comm_model import at_world_size, ep_bytes_per_rank, ep_moves_less, tp_bytes_per_rank
+from lessons_lib.lab.comm_model import at_world_size, ep_bytes_per_rank, ep_moves_less, tp_bytes_per_rank
 
 
 def test_formulas_by_hand():

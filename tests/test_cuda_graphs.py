@@ -4,14 +4,14 @@ GPU) replayed training steps equal eager ones."""
 import pytest
 import torch
 
-from conftest import REPO
 from launcher import run_script
+from launcher.run import REPO
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.capacity import expert_capacity
-from lessons_lib.cuda_graphs import GraphedTrainStep, padding_fraction, static_dropless
-from lessons_lib.equivalence import adversarial_inputs, relative_error
-from lessons_lib.experts import LoopExperts
-from lessons_lib.experts_batched import GroupedExperts
+from lessons_lib.lab.equivalence import adversarial_inputs, relative_error
+from lessons_lib.moe.capacity import expert_capacity, padding_fraction, static_dropless
+from lessons_lib.moe.cuda_graph import GraphedTrainStep
+from lessons_lib.moe.experts import LoopExperts
+from lessons_lib.moe.experts_batched import GroupedExperts
 
 WORKER = REPO / "tests" / "graph_worker.py"
 TOLERANCE = 1e-5

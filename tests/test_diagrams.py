@@ -1,6 +1,6 @@
 import importlib.util
 
-from conftest import REPO
+from launcher.run import REPO
 
 
 def test_diagrams_regenerate(tmp_path):

@@ -1,8 +1,8 @@
 """Expert parallelism equals the single-device layer, on 1, 2 and 4 gloo ranks."""
 import pytest
 
-from conftest import REPO
 from launcher import run_script
+from launcher.run import REPO
 from lessons_lib import MoEConfig, MoELayer
 
 WORKER = REPO / "tests" / "ep_worker.py"
@@ -23,7 +23,8 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
     assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
     def paths(looped):
-        return {r["path"].split(":")[0] for r in rows if r["experts"] == "grouped" and r["case"].startswith("loop of mm") == looped}
+        return {r["path"].split(":")[0] for r in rows
+                if r["experts"] == "grouped" and r["case"].startswith("loop of mm") == looped}
     assert paths(False) == {"torch._grouped_mm (reference kernel)"}, paths(False)  # the grouped GEMM ran, not the loop
     # the loop of mm a CPU runs (a rank whose groups are all empty takes the equal-groups bmm)
     assert "grouped GEMM as a loop of mm" in paths(True), paths(True)
@@ -37,7 +38,8 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
 def test_ep_and_tp_layers_on_process_subgroups_equal_the_single_device_layer():
     every = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "subgroups"}, stream=False,
                        timeout=300).value
-    assert [(r["dispatcher"], r["group"]) for r in every] == [(d, g) for g in (0, 1) for d in ("allgather", "alltoall", "tp")]
+    expected = [(d, g) for g in (0, 1) for d in ("allgather", "alltoall", "tp")]
+    assert [(r["dispatcher"], r["group"]) for r in every] == expected
     assert all(e <= TOLERANCE for r in every for e in r["errors"].values()), every
 
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
 from launcher import run_script
-from lessons_lib import exercises
-from lessons_lib.exercises import EXERCISES, check, pick, run_check
+from launcher.run import REPO
+from lessons_lib.course import checker
+from lessons_lib.course.checker import check, pick, run_check
+from lessons_lib.course.exercises import EXERCISES
 
 SINGLE_PROCESS = [k for k in EXERCISES if k != "03.3"]  # 03.3 needs ranks: below
 
@@ -24,8 +25,19 @@ def test_every_lesson_from_01_to_07_has_two_or_three_exercises():
 @pytest.mark.parametrize("key", SINGLE_PROCESS)
 def test_the_library_solution_passes_its_own_check(key, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    results = tmp_path / "graded" / "results.json"
+    results.parent.mkdir()
+    monkeypatch.setenv("EXERCISE_RESULTS", str(results))
     assert check(key, pick(key, None, solutions=True))
-    assert json.loads((tmp_path / "exercise_results.json").read_text())[key]["status"] == "passed"
+    assert json.loads(results.read_text())[key]["status"] == "passed"
+    assert list(tmp_path.iterdir()) == [results.parent], "nothing written where it was run"
+
+
+def test_a_check_run_by_hand_writes_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXERCISE_RESULTS", raising=False)
+    assert check("01.1", pick("01.1", None, solutions=True))
+    assert list(tmp_path.iterdir()) == []
 
 
 T = torch.tensor
@@ -63,6 +75,7 @@ def test_the_position_policy_of_the_mask_exercise_by_hand():
 
 def test_a_stub_is_reported_not_implemented_without_raising(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EXERCISE_RESULTS", str(tmp_path / "exercise_results.json"))
 
     def split_sizes(expert_ids, num_experts, world_size):
         raise NotImplementedError("your turn")
@@ -90,8 +103,9 @@ def test_an_edge_case_is_caught():
 
 
 def test_a_crashing_answer_is_reported_with_its_inputs():
-    result = run_check("04.1", lambda x, counts: x.view(len(counts), int(counts.max()), -1))  # 27 elements into [3, 4, -1]
-    assert result["status"] == "failed" and "raised RuntimeError" in result["message"] and "inputs:" in result["message"]
+    result = run_check("04.1", lambda x, counts: x.view(len(counts), int(counts.max()), -1))  # 27 elements, [3, 4, -1]
+    assert result["status"] == "failed" and "raised RuntimeError" in result["message"]
+    assert "inputs:" in result["message"]
 
 
 def test_the_float_trap_of_the_capacity_exercise():
@@ -107,7 +121,7 @@ def test_the_alltoall_backward_exercise_runs_on_ranks():
 
 
 def test_grade_lists_the_exercises(capsys):
-    exercises.main(["list"])
+    checker.main(["list"])
     out = capsys.readouterr().out
     assert "03.3  the backward of the all-to-all" in out
 
@@ -120,7 +134,7 @@ def test_grade_runs_a_students_notebook_and_reports_each_exercise(tmp_path, caps
     nb.cells = [
         nbformat.v4.new_code_cell("SOLUTIONS = False", metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell(
-            "from lessons_lib.exercises import check, pick\n"
+            "from lessons_lib.course.checker import check, pick\n"
             "def ep_bytes(tokens, hidden, top_k, group_size, bytes_per_element):\n"
             "    raise NotImplementedError\n"
             "def tp_bytes(tokens, hidden, group_size, bytes_per_element):\n"
@@ -128,10 +142,10 @@ def test_grade_runs_a_students_notebook_and_reports_each_exercise(tmp_path, caps
             "check('07.1', pick('07.1', ep_bytes, SOLUTIONS)); check('07.2', pick('07.2', tp_bytes, SOLUTIONS))")]
     path = tmp_path / "student.ipynb"
     nbformat.write(nb, str(path))
-    exercises.main(["grade", str(path)])
+    checker.main(["grade", str(path)])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["ran"] and {k: v["status"] for k, v in record["results"].items()} == {
         "07.1": "not implemented", "07.2": "failed"}
-    exercises.main(["grade", str(path), "--solutions"])
+    checker.main(["grade", str(path), "--solutions"])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {v["status"] for v in record["results"].values()} == {"passed"}

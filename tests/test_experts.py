@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lessons_lib import MoEConfig, experts_of_rank, init_full_state_dict
-from lessons_lib.experts import LoopExperts
-from lessons_lib.init import init_expert_weights
+from lessons_lib.moe.experts import LoopExperts
+from lessons_lib.moe.init import init_expert_weights
 
 
 @pytest.mark.parametrize("activation, names", [("gelu", {"w1", "w2"}), ("swiglu", {"w1", "w2", "w3"})])

@@ -32,7 +32,8 @@ def nb(tmp_path):
         ("not_me = 1", ["other"]),
         ('%%torchrun\norder.append("second")\ntext = """two\nlines"""', ["b", "a"]),
         ("import torch.distributed as dist\nt = [None] * world_size\n"
-         "dist.all_gather_object(t, rank * 10 + X)\nprint('hello from', rank)\nresult = {'order': order, 't': t, 'text': text}",
+         "dist.all_gather_object(t, rank * 10 + X)\nprint('hello from', rank)\n"
+         "result = {'order': order, 't': t, 'text': text}",
          ["b"]),
         ("if rank == 1:\n    raise ValueError('rank one is broken')\nimport torch.distributed as dist\ndist.barrier()",
          ["fail"]),
@@ -55,8 +56,8 @@ def test_extraction_keeps_notebook_order_and_strips_the_magic(nb):
 
 
 def test_unknown_tag_lists_the_tags(nb):
-    with pytest.raises(ValueError, match=r"no cell tagged \['zzz'\]; its tags are \['a', 'b', 'fail', 'failmagic', 'hang', "
-                                         r"'magic', 'other', 'star'\]"):
+    with pytest.raises(ValueError, match=r"no cell tagged \['zzz'\]; its tags are \['a', 'b', 'fail', 'failmagic', "
+                                         r"'hang', 'magic', 'other', 'star'\]"):
         read_tagged_cells(nb, ["zzz"])
 
 

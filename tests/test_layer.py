@@ -121,7 +121,7 @@ def test_rank_and_size_needs_an_initialized_process_group():
 
 
 def test_count_per_expert_matches_bincount_and_takes_a_mask():
-    from lessons_lib.router import count_per_expert
+    from lessons_lib.moe.router import count_per_expert
 
     ids = torch.tensor([3, 0, 3, 1, 3])
     assert count_per_expert(ids, 5).tolist() == torch.bincount(ids, minlength=5).tolist() == [1, 1, 0, 3, 0]
@@ -129,7 +129,7 @@ def test_count_per_expert_matches_bincount_and_takes_a_mask():
 
 
 def test_permute_sends_each_gradient_back_to_its_row():
-    from lessons_lib.dispatch_local import Permute, inverse_permutation
+    from lessons_lib.moe.dispatch_local import Permute, inverse_permutation
 
     x = torch.randn(5, 3, requires_grad=True)
     order = torch.tensor([2, 0, 4, 1, 3])
@@ -139,3 +139,12 @@ def test_permute_sends_each_gradient_back_to_its_row():
     x2 = x.detach().clone().requires_grad_()
     x2[order].backward(g)
     assert torch.equal(Permute.apply(x, order, inverse_permutation(order)), x[order]) and torch.equal(x.grad, x2.grad)
+
+
+def test_the_local_dispatcher_meets_the_dispatcher_contract():
+    from lessons_lib import Dispatcher, DispatchState
+
+    layer = MoELayer(MoEConfig())
+    assert isinstance(layer.dispatcher, Dispatcher)
+    _, _, state = layer.dispatch(torch.randn(4, 64), layer.route(torch.randn(4, 64)))
+    assert isinstance(state, DispatchState) and state.sizes is None

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.load_balancing import SigmoidBiasRouter, allowed_by_group, router_z_loss, update_expert_bias
-from lessons_lib.router import Routing
+from lessons_lib.moe.load_balancing import SigmoidBiasRouter, allowed_by_group, router_z_loss, update_expert_bias
+from lessons_lib.moe.router import Routing
 
 
 def _router(**kw):

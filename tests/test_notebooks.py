@@ -39,6 +39,7 @@ def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
     # a hung multi-rank cell then fails with its ranks' last lines, before the notebook's own limit
     monkeypatch.setenv("LAUNCHER_TIMEOUT", str(TIME_LIMIT_S // 2))
     run = tmp_path / "run"
+    monkeypatch.setenv("EXERCISE_RESULTS", str(run / "exercise_results.json"))  # as the grader does
     out = execute_notebook(notebook, run, {"SOLUTIONS": solutions} if _has_exercises(notebook) else {},
                            timeout=TIME_LIMIT_S, html=not solutions)
     assert out.with_suffix(".html").is_file() == (not solutions)
@@ -64,16 +65,16 @@ def test_a_failing_assertion_fails_the_run(tmp_path):
 
 
 def test_headless_runs_are_recognised(tmp_path, monkeypatch):
-    from lessons_lib.figures import HEADLESS_ENV, running_headless, sliders_available
+    from lessons_lib.lab.figures import HEADLESS_ENV, running_headless, widgets_available
 
     monkeypatch.setenv(HEADLESS_ENV, "1")
-    assert running_headless() and not sliders_available()
+    assert running_headless() and not widgets_available()
     monkeypatch.setenv(HEADLESS_ENV, "0")
     assert not running_headless()  # pytest's parent is a shell, not a notebook runner
     # papermill started by hand, with no variable set: the kernel sees papermill as its parent
     monkeypatch.delenv(HEADLESS_ENV)
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("from lessons_lib.figures import running_headless\n"
+    nb.cells = [nbformat.v4.new_code_cell("from lessons_lib.lab.figures import running_headless\n"
                                           "assert running_headless(), 'papermill is the parent'")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     src, out = tmp_path / "probe.ipynb", tmp_path / "probe_out.ipynb"
@@ -82,10 +83,7 @@ def test_headless_runs_are_recognised(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from launcher.run import REPO
-
-    env = {k: v for k, v in os.environ.items() if k != HEADLESS_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {k: v for k, v in os.environ.items() if k not in (HEADLESS_ENV, "PYTHONPATH")}
     proc = subprocess.run([sys.executable, "-m", "papermill", str(src), str(out), "-k", "python3",
                            "--no-progress-bar"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

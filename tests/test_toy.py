@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.toy import ToyTask, TrainLog, train
+from lessons_lib.course.toy import ToyTask, TrainLog, train
 
 
 def test_task_is_deterministic_and_linear():

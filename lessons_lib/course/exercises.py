@@ -1,0 +1,279 @@
+"""The course's exercises: what the student writes in each lesson, and the library's reference solution.
+
+Every lesson from 01 on ends with two or three. Each is registered here with its title, a hint, the reference
+(the library's own code for it, usually one call into `lessons_lib.moe`) and its cases: random inputs and the
+edge cases a wrong answer trips on (empty groups, one hot expert, uneven ranks, ties that only a stable sort
+keeps in order). `checker` runs a student's function against them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Exercise:
+    lesson: str
+    title: str
+    hint: str
+    reference: Callable
+    cases: Callable[[], list]  # [(case name, args tuple)]
+    collective: bool = False  # runs on every rank of a process group: the ranks must agree case by case
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def _exercise(key: str, title: str, hint: str, cases: Callable[[], list], collective: bool = False):
+    def register(reference):
+        EXERCISES[key] = Exercise(key.split(".")[0], title, hint, reference, cases, collective)
+        return reference
+    return register
+
+
+def collective_device() -> str:
+    """Where this rank's tensors must live for a collective: nccl sends GPU tensors, gloo CPU ones."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- lesson 01
+
+@_exercise("01.1", "top-k routing with renormalization",
+           "softmax over the experts, then .topk(k); with normalize, divide the k weights by their sum.",
+           lambda: [("random", (torch.randn(6, 8, generator=_g(0)), 2, True)),
+                    ("no renormalization (Qwen)", (torch.randn(6, 8, generator=_g(1)), 2, False)),
+                    ("k = E", (torch.randn(3, 4, generator=_g(2)), 4, True)),
+                    ("one token", (torch.randn(1, 5, generator=_g(3)), 1, True)),
+                    ("no tokens", (torch.zeros(0, 8), 2, True))])
+def topk_routing(logits: torch.Tensor, k: int, normalize: bool):
+    """logits [T, E] -> (weights [T, k], expert ids [T, k]), best expert first."""
+    from lessons_lib.moe.router import top_k
+
+    return top_k(logits.softmax(dim=-1), k, normalize)
+
+
+@_exercise("01.2", "combine: the weighted sum of each token's rows",
+           "start from zeros [num_tokens, H] and index_add_ the rows times their weights at their tokens.",
+           lambda: [("random", (torch.randn(8, 4, generator=_g(0)), torch.tensor([0, 2, 1, 0, 2, 1, 3, 3]),
+                                torch.rand(8, generator=_g(1)), 4)),
+                    ("a token with no rows", (torch.randn(3, 4, generator=_g(2)), torch.tensor([0, 0, 2]),
+                                              torch.rand(3, generator=_g(3)), 3)),
+                    ("no rows", (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0), 2))])
+def combine_rows(rows: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """y[t] = Σ weight[i] · rows[i] over the rows i with token[i] == t; y is [num_tokens, H]."""
+    y = rows.new_zeros(num_tokens, rows.shape[1])
+    return y.index_add(0, token, rows * weight[:, None])
+
+
+# ---------------------------------------------------------------- lesson 02
+
+def _gathered_experts(seed, n, E, pad):
+    ids = torch.randint(E, (n,), generator=_g(seed))
+    return torch.cat([ids, torch.full((pad,), -1)])
+
+
+@_exercise("02.1", "keep this rank's rows of the gathered buffer, bucketed by local expert",
+           "mask = (expert >= first) & (expert < last); nonzero() gives the positions; a stable argsort of "
+           "their expert ids buckets them, keeping gather order inside a bucket. Padding rows have expert -1.",
+           lambda: [("random", (_gathered_experts(0, 20, 8, 4), 4, 8)),
+                    ("rank 0", (_gathered_experts(1, 20, 8, 0), 0, 4)),
+                    ("no row is mine", (torch.tensor([0, 1, 1, 0, -1]), 2, 4)),
+                    ("one hot expert", (torch.tensor([5, 5, 2, 5, -1, -1]), 4, 8))])
+def rows_of_rank(gathered_expert: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Positions of the rows whose expert is in first..last-1, grouped by expert, gather order inside."""
+    from lessons_lib.moe.dispatch_allgather import rows_of_experts
+
+    return rows_of_experts(gathered_expert, range(first, last))
+
+
+@_exercise("02.2", "bytes each rank sends with a padded all_gather",
+           "every rank pads to the largest row count M and sends its M rows to each of the other N - 1 ranks.",
+           lambda: [("balanced", ([16, 16], 512)), ("uneven", ([5, 9, 2, 7], 256)),
+                    ("a rank with no rows", ([0, 12, 3], 64)), ("one rank", ([10], 128))])
+def allgather_sent_bytes(rows_per_rank: list, row_bytes: int) -> list:
+    """[bytes rank r sends] for each rank r, padding included."""
+    M, N = max(rows_per_rank), len(rows_per_rank)
+    return [(N - 1) * M * row_bytes for _ in rows_per_rank]
+
+
+# ---------------------------------------------------------------- lesson 03
+
+@_exercise("03.1", "split sizes: how many rows go to each rank",
+           "rank r owns experts r*E/N ... (r+1)*E/N - 1, so a row's destination is expert // (E // N); "
+           "count them per rank and return a list of Python ints.",
+           lambda: [("random", (torch.randint(8, (20,), generator=_g(0)), 8, 2)),
+                    ("four ranks, uneven", (torch.randint(16, (13,), generator=_g(1)), 16, 4)),
+                    ("one hot expert", (torch.full((10,), 3), 8, 4)),
+                    ("E = N", (torch.tensor([0, 2, 2, 1]), 4, 4)),
+                    ("no rows", (torch.zeros(0, dtype=torch.long), 8, 2))])
+def split_sizes(expert_ids: torch.Tensor, num_experts: int, world_size: int) -> list:
+    """[rows for rank 0, rows for rank 1, …] for rows whose experts are `expert_ids`."""
+    from lessons_lib.moe.router import count_per_expert
+
+    return count_per_expert(expert_ids // (num_experts // world_size), world_size).tolist()
+
+
+@_exercise("03.2", "the stable permutation that groups rows by destination rank, and its inverse",
+           "order = torch.argsort(dest, stable=True); the inverse puts each row back: inverse[order] = arange.",
+           lambda: [("random", (torch.randint(4, (12,), generator=_g(0)),)),
+                    ("already grouped", (torch.tensor([0, 0, 1, 1, 1]),)),
+                    ("all to one rank", (torch.full((6,), 2),)),
+                    ("no rows", (torch.zeros(0, dtype=torch.long),))])
+def group_by_rank(dest: torch.Tensor):
+    """(order, inverse): dest[order] is sorted, ties in their original order; x[order][inverse] == x."""
+    from lessons_lib.moe.dispatch_local import inverse_permutation
+
+    order = torch.argsort(dest, stable=True)
+    return order, inverse_permutation(order)
+
+
+def _alltoall_cases():
+    rank, N = dist.get_rank(), dist.get_world_size()
+    device = collective_device()
+    cases = []
+    for name, splits in (("uneven", lambda r, j: (r + 2 * j) % 3), ("balanced", lambda r, j: 2),
+                         ("this rank sends nothing", lambda r, j: 0 if r == 0 else 1 + j)):
+        in_splits = [splits(rank, j) for j in range(N)]  # what I sent in forward
+        out_splits = [splits(j, rank) for j in range(N)]  # what I received in forward
+        grad = torch.randn(sum(out_splits), 3, generator=_g(rank)).to(device)  # gradient of what I received
+        cases.append((name, (grad, in_splits, out_splits)))
+    return cases
+
+
+@_exercise("03.3", "the backward of the all-to-all",
+           "each received row's gradient goes back where the row came from: the same all_to_all_single "
+           "with the two split lists swapped (output: in_splits rows, from grad with out_splits).",
+           _alltoall_cases, collective=True)
+def alltoall_backward(grad: torch.Tensor, in_splits: list, out_splits: list) -> torch.Tensor:
+    """Forward sent in_splits[j] rows to rank j and received out_splits[j] from it; grad is the
+    gradient of what was received. Returns the gradient of what was sent."""
+    from lessons_lib.moe.dispatch_alltoall import AllToAll
+
+    return AllToAll.apply(grad, in_splits, out_splits)  # lesson 03's backward is exactly this exchange
+
+
+# ---------------------------------------------------------------- lesson 04
+
+@_exercise("04.1", "padded layout for bmm: [E, M_max, H]",
+           "row i belongs to expert e = repeat_interleave(arange(E), counts)[i] at place i - (first row of e); "
+           "write the rows into zeros [E, max(counts), H] at (expert, place).",
+           lambda: [("random", (torch.randn(9, 3, generator=_g(0)), torch.tensor([2, 4, 3]))),
+                    ("an empty group", (torch.randn(5, 2, generator=_g(1)), torch.tensor([3, 0, 2]))),
+                    ("all in one group", (torch.randn(4, 2, generator=_g(2)), torch.tensor([0, 4, 0]))),
+                    ("no rows", (torch.zeros(0, 2), torch.tensor([0, 0])))])
+def pad_groups(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [M, H] grouped by expert (counts[e] rows each) -> [E, max count, H], zero padded."""
+    from lessons_lib.moe.experts_batched import pad_by_expert
+
+    return pad_by_expert(x, counts)[0]
+
+
+@_exercise("04.2", "FLOPs bmm spends on padding",
+           "bmm computes E * max(counts) rows; the useful ones are sum(counts).",
+           lambda: [("balanced", (torch.tensor([4, 4, 4]), 100)), ("skewed", (torch.tensor([10, 1, 0, 1]), 7)),
+                    ("no rows", (torch.tensor([0, 0]), 5))])
+def padding_flops(counts: torch.Tensor, flops_per_row: int) -> int:
+    return int((len(counts) * counts.max() - counts.sum()) * flops_per_row)
+
+
+# ---------------------------------------------------------------- lesson 05
+
+@_exercise("05.1", "expert capacity C = ceil(k·T/E · factor)",
+           "floats round: 50 * 1.1 is 55.00000000000001. Compute with fractions.Fraction(str(factor)).",
+           lambda: [("exact share", (2, 32, 16, 1.0)), ("factor 1.25", (2, 32, 16, 1.25)),
+                    ("rounds up", (2, 33, 16, 1.0)), ("float trap", (2, 50, 2, 1.1)), ("no tokens", (2, 0, 8, 1.0))])
+def capacity(top_k: int, num_tokens: int, num_experts: int, factor: float) -> int:
+    from lessons_lib.moe.capacity import expert_capacity
+    from lessons_lib.moe.config import MoEConfig
+
+    return expert_capacity(MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=factor), num_tokens)
+
+
+def _mask_cases():
+    e, w = torch.tensor([0, 1, 0, 0, 1, 2]), torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.7])
+    return [("probs", (e, w, 3, 2, "probs")), ("position", (e, w, 3, 2, "position")),
+            ("random, probs",
+             (torch.randint(4, (30,), generator=_g(0)), torch.rand(30, generator=_g(1)), 4, 5, "probs")),
+            ("one hot expert, position", (torch.full((7,), 1), torch.rand(7, generator=_g(2)), 3, 3, "position")),
+            ("capacity 0", (e, w, 3, 0, "probs"))]
+
+
+@_exercise("05.2", "the capacity mask under both drop policies",
+           "per expert, rank its pairs (by weight, highest first, for 'probs'; by position for 'position') "
+           "and keep the first C: sort by the policy's key, then stable-sort by expert, and compare each "
+           "pair's place in its expert's group with C.",
+           _mask_cases)
+def keep_mask(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, capacity: int, policy: str) -> torch.Tensor:
+    """[R] bool: which (token, slot) pairs their expert keeps."""
+    from lessons_lib.moe.capacity import select_within_capacity
+
+    kept, _ = select_within_capacity(expert, weight, num_experts, capacity, policy)
+    return torch.zeros(len(expert), dtype=torch.bool).index_fill(0, kept, True)
+
+
+# ---------------------------------------------------------------- lesson 06
+
+@_exercise("06.1", "DeepSeek-V3's aux-loss-free bias update",
+           "b + rate * sign(mean load - load): up for underloaded experts, down for overloaded, 0 when equal.",
+           lambda: [("random", (torch.zeros(4), torch.tensor([10.0, 2.0, 4.0, 4.0]), 0.1)),
+                    ("balanced", (torch.tensor([0.3, -0.2]), torch.tensor([5.0, 5.0]), 0.5)),
+                    ("from a bias", (torch.randn(6, generator=_g(0)), torch.rand(6, generator=_g(1)) * 10, 0.01))])
+def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    from lessons_lib.moe.load_balancing import bias_step
+
+    return bias_step(bias, load, rate)
+
+
+@_exercise("06.2", "the router z-loss",
+           "torch.logsumexp(logits, dim=-1), squared, averaged over the tokens.",
+           lambda: [("random", (torch.randn(5, 8, generator=_g(0)),)),
+                    ("large logits", (10 * torch.randn(3, 4, generator=_g(1)),))])
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    from lessons_lib.moe.load_balancing import router_z_loss
+    from lessons_lib.moe.router import Routing
+
+    T = logits.shape[0]
+    return router_z_loss(Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), logits.softmax(-1), logits))
+
+
+@_exercise("06.3", "the Switch/GShard auxiliary loss, E · Σ f_i · P_i",
+           "f_i: the fraction of the T·k chosen (token, slot) pairs that went to expert i; P_i: the mean of "
+           "probs[:, i] over the tokens. It is 1 when routing is uniform.",
+           lambda: [("random",
+                     (torch.randint(4, (6, 2), generator=_g(0)), torch.rand(6, 4, generator=_g(1)).softmax(-1))),
+                    ("uniform", (torch.tensor([[0], [1], [2], [3]]), torch.full((4, 4), 0.25))),
+                    ("collapsed", (torch.zeros(5, 1, dtype=torch.long), torch.tensor([[1.0, 0, 0]]).repeat(5, 1)))])
+def aux_loss(expert_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    from lessons_lib.moe.router import Routing, load_balancing_loss
+
+    routing = Routing(expert_ids, torch.ones_like(expert_ids, dtype=torch.float32), probs, probs.log())
+    return load_balancing_loss(routing, probs.shape[1])
+
+
+# ---------------------------------------------------------------- lesson 07
+
+@_exercise("07.1", "EP bytes per rank, dispatch + combine",
+           "dispatch sends T·k rows of h elements, (N-1)/N of them leave the rank; combine is the same size again.",
+           lambda: [("worked example", (4, 1024, 2, 8, 2)), ("two ranks", (4096, 7168, 8, 2, 2)),
+                    ("one rank", (16, 64, 2, 1, 4))])
+def ep_bytes(tokens: int, hidden: int, top_k: int, group_size: int, bytes_per_element: int) -> float:
+    from lessons_lib.lab.comm_model import ep_bytes_per_rank
+
+    return float(ep_bytes_per_rank(tokens, hidden, top_k, group_size, bytes_per_element))
+
+
+@_exercise("07.2", "TP bytes per rank, one ring all-reduce of [T, h]",
+           "a ring all-reduce of V bytes sends 2·(N-1)/N·V per rank; here V = T·h·bytes_per_element.",
+           lambda: [("worked example", (32, 1024, 8, 2)), ("two ranks", (4096, 2048, 2, 2)),
+                    ("one rank", (16, 64, 1, 4))])
+def tp_bytes(tokens: int, hidden: int, group_size: int, bytes_per_element: int) -> float:
+    from lessons_lib.lab.comm_model import tp_bytes_per_rank
+
+    return float(tp_bytes_per_rank(tokens, hidden, group_size, bytes_per_element))

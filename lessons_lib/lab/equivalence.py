@@ -1,0 +1,192 @@
+"""Proof that an expert-parallel layer computes what the single-device layer computes (lesson 02).
+
+Both layers load the same unsharded weights. The single-device layer runs the whole global
+batch; the EP layer runs it spread over the ranks, each rank its own slice of tokens. Then
+we compare, on every rank: the outputs, the gradient of the input, of the router weight (summed
+over ranks, since each rank's router copy only sees its own tokens) and of every expert weight
+(each rank holds its experts' slice). The worst relative error of any rank is returned.
+
+Adversarial routings are made by steering the router: every token carries a constant feature
+x[:, 0] = 1 (and rank 0's tokens a marker x[:, 1] = 1), and large weights on those features
+force the choices below while everything else stays random.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..moe.config import MoEConfig
+from ..moe.distributed import experts_of_rank, rank_and_size
+from ..moe.init import init_full_state_dict
+from ..moe.layer import MoELayer
+
+ROUTINGS = {
+    "random": "the router's own random choices",
+    "one_expert": "every token's first choice is the last expert",
+    "own_experts": "rank 0's tokens go to rank 0's experts only",
+    "receives_nothing": "no token goes to the last rank's experts",
+}
+STEER = 30.0  # a logit offset that decides top-k outright (e^-30 ≈ 1e-13)
+
+
+def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int, seed: int = 0):
+    """(unsharded weights, global input X, output-gradient G) for one equality case."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {sorted(ROUTINGS)}, got {routing!r}")
+    g = torch.Generator().manual_seed(seed)
+    total, H = sum(tokens_per_rank), cfg.hidden_dim
+    X = torch.randn(total, H, generator=g)
+    G = torch.randn(total, H, generator=g)
+    X[:, 0] = 1.0
+    X[:, 1] = 0.0
+    X[: tokens_per_rank[0], 1] = 1.0  # rank 0's tokens carry the marker
+    sd = {k: v.float() for k, v in init_full_state_dict(cfg).items()}
+    W = sd["router.weight"]
+    W[:, :2] = 0.0  # only the steering below acts through the two special features
+    if routing == "one_expert":
+        W[cfg.num_experts - 1, 0] = STEER
+    elif routing == "own_experts":
+        W[list(experts_of_rank(cfg.num_experts, 0, world_size)), 1] = STEER
+    elif routing == "receives_nothing":
+        last = experts_of_rank(cfg.num_experts, world_size - 1, world_size)
+        if world_size < 2 or cfg.top_k > cfg.num_experts - len(last):
+            raise ValueError("'receives_nothing' needs 2+ ranks and top_k <= the experts of the other ranks")
+        W[list(last), 0] = -STEER
+    dtype = cfg.torch_dtype
+    return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, and inf where either holds a NaN or an inf: a NaN compares False with
+    every tolerance, so `error > tol` would let a NaN result pass a check."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare shapes {list(a.shape)} and {list(b.shape)}")
+    if b.numel() == 0:
+        return 0.0
+    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf
+
+
+def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: list[int]) -> torch.Tensor:
+    """The single-device layer's output for the global batch X. With a capacity (lesson 05) each
+    rank's slice is run on its own, because capacity is a budget per expert for one rank's tokens."""
+    if reference.cfg.capacity_factor is None:
+        return reference(X)[0]
+    return torch.cat([reference(part)[0] for part in X.split(tokens_per_rank)])
+
+
+def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
+                               tokens_per_rank: list[int] | None = None, routing: str = "random",
+                               group=None, seed: int = 0, device=None) -> dict[str, float]:
+    """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
+    layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
+
+    Every rank of `group` must call it with the same arguments (it runs collectives). Under
+    tensor parallelism ("tp") every rank runs the whole global batch instead of a slice.
+    """
+    rank, N = rank_and_size(group)
+    tokens_per_rank = list(tokens_per_rank) if tokens_per_rank is not None else [8] * N
+    if len(tokens_per_rank) != N:
+        raise ValueError(f"tokens_per_rank needs one entry per rank ({N}), got {tokens_per_rank}")
+    device = device if device is not None else torch.device("cpu")
+    sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed)
+    sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+
+    layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
+    layer.load_full_state_dict(sd)
+    replicated = layer.dispatcher.replicated_tokens
+
+    reference = MoELayer(cfg, "local", "loop").to(device)
+    reference.load_full_state_dict(sd)
+    x_ref = X.clone().requires_grad_()
+    y_ref = _reference_output(reference, x_ref, [len(X)] if replicated else tokens_per_rank)
+    (y_ref.float() * G.float()).sum().backward()
+
+    lo = 0 if replicated else sum(tokens_per_rank[:rank])  # TP: every rank runs the whole batch
+    hi = len(X) if replicated else lo + tokens_per_rank[rank]
+    x = X[lo:hi].clone().requires_grad_()
+    y, _ = layer(x)
+    (y.float() * G[lo:hi].float()).sum().backward()
+
+    router_grad = layer.router.weight.grad.clone()
+    if not replicated:
+        dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
+    e = layer.experts.experts
+    errors = {
+        "output": relative_error(y, y_ref[lo:hi]),
+        "grad_input": relative_error(x.grad, x_ref.grad[lo:hi]),
+        "grad_router.weight": relative_error(router_grad, reference.router.weight.grad),
+    }
+    for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
+        ref = layer.experts.shard(name, getattr(reference.experts, name).grad[e.start:e.stop])
+        errors[f"grad_experts.{name}"] = relative_error(p.grad, ref)
+    worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(errors, worst.tolist()))
+
+
+def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, lr: float = 0.5,
+                       dispatcher: str = "alltoall", experts: str = "loop", seed: int = 0, device=None) -> dict:
+    """One SGD step of EP × DP on all ranks against one step of the single-device layer on the
+    whole global batch: the worst relative error of the updated weights, over all ranks.
+
+    Loss: Σ y·G / (number of global tokens), so summed gradients equal the full-batch gradient.
+    SGD keeps the check exact; an element-wise optimizer (AdamW) given equal gradients makes equal
+    updates too, but would amplify rounding noise in gradients that are ~0.
+    """
+    from ..moe.process_groups import build_ep_dp_groups, sync_gradients
+
+    device = device if device is not None else torch.device("cpu")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = build_ep_dp_groups(ep_size)
+    sd, X, G = adversarial_inputs(cfg, [tokens_per_rank] * world, "random", ep_size, seed)
+    sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+    total = len(X)
+
+    reference = MoELayer(cfg, "local", "loop").to(device)
+    reference.load_full_state_dict(sd)
+    y_ref = _reference_output(reference, X, [tokens_per_rank] * world)
+    ((y_ref.float() * G.float()).sum() / total).backward()
+    torch.optim.SGD(reference.parameters(), lr=lr).step()
+
+    layer = MoELayer(cfg, dispatcher, experts, group=groups.ep_group).to(device)
+    layer.load_full_state_dict(sd)
+    lo, hi = rank * tokens_per_rank, (rank + 1) * tokens_per_rank
+    y, _ = layer(X[lo:hi])
+    ((y.float() * G[lo:hi].float()).sum() / total).backward()
+    sync_gradients(layer, groups)
+    torch.optim.SGD(layer.parameters(), lr=lr).step()
+
+    e = layer.experts.experts
+    errors = {"router.weight": relative_error(layer.router.weight.detach(), reference.router.weight.detach())}
+    for name, p in layer.experts.named_parameters():
+        ref = getattr(reference.experts, name).detach()[e.start:e.stop]
+        errors[f"experts.{name}"] = relative_error(p.detach(), ref)
+    # the step must have changed the weights, or equality would prove nothing
+    moved = (reference.experts.w1.detach() - sd["experts.w1"]).abs().max().item()
+    worst = torch.tensor(list(errors.values()) + [-moved], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    out = dict(zip(errors, worst[:-1].tolist()))
+    out["weights_moved"] = -worst[-1].item()
+    return out
+
+
+def routing_cases(world_size: int) -> list[tuple[str, list[int], str]]:
+    """The (name, tokens per rank, routing) cases lessons 02 and 03 check every dispatcher on."""
+    even = [8] * world_size
+    cases = [("random", even, "random"), ("one_expert", even, "one_expert"), ("own_experts", even, "own_experts"),
+             ("uneven tokens", [5 + 7 * r for r in range(world_size)], "random"),
+             ("a rank with no tokens", [0] + [8] * (world_size - 1), "random")]
+    if world_size > 1:
+        cases.append(("receives_nothing", even, "receives_nothing"))
+    return cases
+
+
+def check_routings(cfg: MoEConfig, dispatcher: str, experts: str = "loop", group=None, device=None) -> list[dict]:
+    """`compare_with_single_device` on every case of `routing_cases`: one row of errors per case."""
+    _, N = rank_and_size(group)
+    return [{"case": name, **compare_with_single_device(cfg, dispatcher, experts, tokens, routing, group,
+                                                        device=device)}
+            for name, tokens, routing in routing_cases(N)]

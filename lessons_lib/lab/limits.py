@@ -1,0 +1,121 @@
+"""The machine's limits, measured in the same run as the layer they are compared with (lessons 02 to 04).
+
+A step time alone says little; next to what this machine can do at best it says how far off it is:
+  - `adamw_ms` + `dense_ffn_ms`: one AdamW update of a rank's weights and one dense FFN doing the rank's expert
+    FLOPs: no training step of the layer can take less than their sum here (`step_floors`);
+  - `alltoall_bus_bandwidth`: one all_to_all_single of the dispatch's size, as fast as the link allows;
+  - `collective_latency`: one all_to_all of that size back to back, and right after compute, as in a step.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .timing import _sync, make_adamw, median, timed_runs
+
+
+def step_floors(layer, rows: int, steps: int = 30, warmup: int = 5, group=None) -> dict:
+    """Two limits measured on this machine, in the same run as the layer's step time:
+
+    adamw_ms: one fused AdamW update of this rank's parameters alone (gradients present);
+    dense_ffn_ms: forward + backward of ONE dense FFN of the expert's shape over `rows` rows,
+        i.e. the same FLOPs as this rank's experts, as one big GEMM chain instead of many small ones.
+    No training step of this layer can take less than their sum on this machine.
+    """
+    device = next(layer.parameters()).device
+    # train_step_times' inputs need no gradient, so the layer skips the input-side backward GEMMs: so does the floor
+    return {"adamw_ms": adamw_ms(layer, steps, warmup, group),
+            "dense_ffn_ms": dense_ffn_ms(layer.cfg, rows, device, steps, warmup, group, input_grad=False)}
+
+
+def adamw_ms(layer, steps: int = 30, warmup: int = 5, group=None) -> float:
+    """Median ms of one fused AdamW update of copies of this rank's parameters of `layer`, gradients present:
+    a floor for any training step of it (on a CPU this pass over weights, gradients and two moments is
+    bound by memory bandwidth)."""
+    device = next(layer.parameters()).device
+    params = [torch.nn.Parameter(p.detach().clone()) for p in layer.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make_adamw(params)
+    return median(timed_runs(opt.step, steps, warmup, device, group))
+
+
+def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None,
+                 input_grad: bool = True) -> float:
+    """Median ms of forward + backward of ONE dense FFN of an expert's shape over `rows` rows: the
+    FLOPs of `rows` expert rows as one big GEMM chain, the rate the expert banks should approach.
+
+    input_grad: whether backward also computes the input's gradient, as a layer inside a model does
+    (3 x the forward FLOPs); without it the first GEMMs' input gradients are skipped (SwiGLU: 7 of 9
+    GEMMs, GELU: 5 of 6). It must match the layer it is compared with."""
+    H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
+    x = torch.randn(rows, H, device=device, dtype=dtype, requires_grad=input_grad)
+    w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
+    w3 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
+    swiglu = cfg.activation == "swiglu"
+
+    def dense():
+        x.grad = w1.grad = w2.grad = w3.grad = None  # fresh gradients, as a training step has
+        h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
+        (h @ w2).sum().backward()
+
+    return median(timed_runs(dense, steps, warmup, device, group))
+
+
+def collective_latency(nbytes: int, device, steps: int = 100, warmup: int = 10, group=None) -> dict:
+    """What one all_to_all_single of `nbytes` per rank costs, in ms:
+
+    back_to_back_ms: median (slowest rank), calls issued one after the other: the collective's own cost;
+    after_compute_ms, after_compute_p90_ms: median and 90th percentile when every rank first does the same
+        matrix work (a few ms on one CPU core), as the ranks of a training step arrive at each collective.
+        Counted from the moment the last rank arrives until every rank is done, so no rank's wait for a
+        slower rank's work is in it;
+    arrival_spread_ms: median time between the first and the last rank's arrival.
+    The last two compare clocks across ranks: the ranks must share one machine (torchrun --standalone).
+    On a small virtual machine the exchange after compute sometimes takes many times its back-to-back cost, as a
+    process asleep in a collective is slow to wake (lesson 03 measures about one call in ten waiting ms), and a
+    training step risks it at each of its collectives."""
+    N = dist.get_world_size(group)
+    send = torch.zeros(max(N, nbytes // 4 // N * N), device=device)
+    recv = torch.empty_like(send)
+    work = torch.randn(384, 384, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def exchange():
+        dist.all_to_all_single(recv, send, group=group)
+
+    back_to_back = median(timed_runs(exchange, steps, warmup, device, group))
+    arrive, done = [], []
+    for _ in range(warmup + steps):
+        for _ in range(4):
+            work @ work  # the same on every rank
+        _sync(device)
+        arrive.append(time.perf_counter())
+        exchange()
+        _sync(device)
+        done.append(time.perf_counter())
+    on = device if device.type == "cuda" else "cpu"
+    t = torch.tensor([arrive[warmup:], done[warmup:]], dtype=torch.float64, device=on)
+    latest, earliest = t.clone(), t[0].clone()
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(earliest, op=dist.ReduceOp.MIN, group=group)
+    after = sorted(((latest[1] - latest[0]) * 1e3).tolist())  # last arrival -> every rank done
+    return {"bytes_per_rank": send.numel() * 4, "back_to_back_ms": back_to_back,
+            "after_compute_ms": median(after), "after_compute_p90_ms": after[(9 * len(after)) // 10],
+            "arrival_spread_ms": median(((latest[0] - earliest) * 1e3).tolist())}
+
+
+
+
+def alltoall_bus_bandwidth(nbytes: int, device, steps: int = 20, warmup: int = 5, group=None) -> dict:
+    """all_to_all_single of `nbytes` per rank split evenly over the ranks: median ms, and bus bandwidth
+    = bytes each rank sends to other ranks / time (nccl-tests' definition for all-to-all)."""
+    N = dist.get_world_size(group)
+    elems = max(N, nbytes // 2 // N * N)  # bf16-sized elements, divisible by N
+    send = torch.empty(elems, dtype=torch.bfloat16, device=device)
+    recv = torch.empty_like(send)
+    ms = median(timed_runs(lambda: dist.all_to_all_single(recv, send, group=group), steps, warmup, device, group))
+    moved = elems * 2 * (N - 1) / N
+    return {"bytes_per_rank": elems * 2, "ms": ms, "busbw_gbps": moved / ms / 1e6 if N > 1 else None}

@@ -1,0 +1,146 @@
+"""Expert parallelism by all_to_all_single (lesson 03).
+
+Lesson 02 sent every row to every rank. Here each row goes only where its expert lives:
+  1. group the T·k (token, slot) rows by expert id (`rows_by_expert`, as in lesson 01); since
+     rank r owns a contiguous block of experts, this also groups them by destination rank;
+  2. exchange counts: one all_to_all_single of the per-expert row counts tells every rank how
+     many rows it will receive from each source, for each of its experts;
+  3. all_to_all_single the rows, with input split sizes (rows to each rank) and output split
+     sizes (rows from each rank): no padding, nothing received that is not needed;
+  4. regroup the received rows, which arrive ordered by (source rank, expert), by expert;
+  5. after the experts, do it all in reverse: un-regroup, all_to_all back with the split sizes
+     swapped, and weight-and-sum each token's k rows.
+The backward pass of an all-to-all is the same all-to-all with input and output splits swapped:
+`AllToAll` below says exactly that, so autograd can flow through both collectives.
+
+Shapes as in `dispatcher` (T tokens, k, E experts, L local experts, H, R rows sent, M rows received, N ranks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .capacity import expert_capacity
+from .dispatch_local import Permute, RowIndex, inverse_permutation, rows_by_expert, weighted_sum_by_token
+from .dispatcher import DispatchState, ExpertParallelDispatcher
+from .router import Routing, count_per_expert
+from .traffic import Traffic
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits, differentiable.
+
+    forward: rank i sends in_splits[j] rows to rank j and receives out_splits[j] rows from it.
+    backward: the gradient of each received row goes back to where the row came from, which
+    is the same exchange with the two split lists swapped.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group=None):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+@dataclass
+class AllToAllState(DispatchState):  # its `sizes` are always known: read back with the split sizes
+    index: RowIndex  # what each sent row is (grouped by expert, hence by destination)
+    weights_Tk: torch.Tensor  # the routing weights
+    regroup_M: torch.Tensor  # received order -> grouped by local expert
+    ungroup_M: torch.Tensor  # its inverse: grouped by local expert -> the order the rows were received in
+    in_splits: list  # [N] rows sent to each rank
+    out_splits: list  # [N] rows received from each rank
+    useful_sent: list | None  # of in_splits, the real rows (not lesson 05's padding); None: in a CUDA graph
+    useful_received: list | None  # of out_splits, the real rows
+
+
+def capturing() -> bool:
+    """Whether this pass is being recorded into a CUDA graph (`cuda_graph`, lesson 05)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class AllToAllDispatcher(ExpertParallelDispatcher):
+    """Send each (token, slot) row only to the rank that owns its expert."""
+
+    def _first_exchange(self, counts_E: torch.Tensor, code: int, real_N: torch.Tensor | None = None) -> torch.Tensor:
+        # Row r of what this rank sends to rank r: how many rows go to each of r's experts, how many
+        # of them are real (not lesson 05's padding), then `code`.
+        N, L = self.world_size, self.num_local_experts
+        per_rank_NL = counts_E.view(N, L)
+        real_N = per_rank_NL.sum(1) if real_N is None else real_N
+        send = torch.cat([per_rank_NL, real_N.view(N, 1), counts_E.new_full((N, 1), code)], dim=1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        nbytes = (N - 1) * (L + 2) * 8
+        self.traffic.add("counts", nbytes, nbytes, 0)
+        return recv  # [N, L + 2]: row s = what rank s will send me
+
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing):
+        N, L = self.world_size, self.num_local_experts
+        index = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
+        if capturing():
+            in_splits, out_splits, recv_counts_NL, bank_sizes = self._static_sizes(x_TH, index)
+            useful_sent = useful_received = None
+        else:
+            self.traffic = Traffic()
+            real_sent_N = count_per_expert(index.expert // L, N, mask=index.real)  # real rows per destination
+            recv = self._first_exchange(index.counts, 0, real_sent_N)
+            recv_counts_NL = recv[:, :L]
+            # One host sync for the split sizes: all_to_all_single needs them as Python ints (so does a loop of GEMMs).
+            sizes = torch.cat([index.counts.view(N, L).sum(1), recv_counts_NL.sum(1), recv[:, L + 1],
+                               real_sent_N, recv[:, L], recv_counts_NL.sum(0)]).tolist()
+            in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:3 * N]
+            self._stop_if_any_rank_failed(codes)
+            useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
+
+        received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group)
+        # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
+        local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),
+                                                 recv_counts_NL.flatten(), output_size=sum(out_splits))
+        regroup_M = torch.argsort(local_expert_M, stable=True)
+        ungroup_M = inverse_permutation(regroup_M)
+
+        state = AllToAllState(index, routing.weights, regroup_M, ungroup_M, in_splits, out_splits, useful_sent,
+                              useful_received, sizes=bank_sizes)
+        if useful_sent is not None:
+            self._count("dispatch", x_TH, in_splits, out_splits, useful_sent)
+        return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_NL.sum(0), state
+
+    def _static_sizes(self, x_TH: torch.Tensor, index: RowIndex):
+        """The split sizes without asking anyone, for a pass recorded into a CUDA graph (`cuda_graphs`, lesson 05).
+
+        A graph cannot wait for the GPU to tell it a size, and replays every shape it recorded. Lesson 05's padded
+        capacity makes every size known in advance: each rank sends exactly C rows to every expert (with the same
+        token count, hence the same C, on every rank, which the graph's capture checks). There is no input error to
+        report either: a graph's input is the buffer it was captured with. The traffic record is the last eager
+        pass's."""
+        if not self.cfg.pad_to_capacity:
+            raise RuntimeError("a CUDA graph needs fixed split sizes: build the layer with lesson 05's static shapes, "
+                               "MoEConfig(capacity_factor=..., pad_to_capacity=True)")
+        N, L = self.world_size, self.num_local_experts
+        C = expert_capacity(self.cfg, x_TH.shape[0])
+        splits = [L * C] * N
+        return splits, list(splits), index.counts.new_full((N, L), C), [N * C] * L
+
+    def combine(self, expert_out_MH: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
+        received_order_MH = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)
+        # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
+        back_RH = AllToAll.apply(received_order_MH, state.in_splits, state.out_splits, self.group)
+        if state.useful_received is not None:
+            self._count("combine", expert_out_MH, state.out_splits, state.in_splits, state.useful_received)
+        return weighted_sum_by_token(back_RH, state.index, state.weights_Tk)
+
+    def _count(self, phase: str, rows: torch.Tensor, sent: list, received: list, useful: list) -> None:
+        """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""
+        row_bytes = rows.shape[1] * rows.element_size()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        self.traffic.add(phase, sum(sent[r] for r in others) * row_bytes,
+                         sum(received[r] for r in others) * row_bytes, sum(useful[r] for r in others) * row_bytes)

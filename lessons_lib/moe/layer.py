@@ -1,0 +1,178 @@
+"""The MoE layer: a router, a dispatcher and an expert bank, composed (lesson 01).
+
+    y = Σ_{e in top-k(x)} weight_e(x) · expert_e(x)
+
+Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher (what every dispatcher
+provides: `dispatcher.Dispatcher`), lesson 04 the expert bank, lesson 06 the router (`cfg.router`).
+Lesson 05's capacity is a config option that every dispatcher honours (`dispatch_local.rows_by_expert`).
+`MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capacity import dropped_pairs, expert_capacity
+from .config import MoEConfig
+from .dispatch_allgather import AllGatherDispatcher
+from .dispatch_alltoall import AllToAllDispatcher
+from .dispatch_local import LocalDispatcher
+from .dispatcher import Dispatcher, DispatchState
+from .experts import LoopExperts
+from .experts_batched import BmmExperts, GroupedExperts
+from .init import expert_weight_shapes
+from .load_balancing import SigmoidBiasRouter, router_z_loss
+from .router import Routing, TopKRouter, load_balancing_loss
+from .tensor_parallel import TensorParallelDispatcher
+
+ROUTERS: dict[str, type[nn.Module]] = {  # chosen by cfg.router
+    "softmax_topk": TopKRouter,  # lesson 01: Mixtral / Qwen-MoE
+    "sigmoid_bias": SigmoidBiasRouter,  # lesson 06: DeepSeek-V3
+}
+
+DISPATCHERS: dict[str, type[nn.Module]] = {
+    "local": LocalDispatcher,  # lesson 01: every expert on this device
+    "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
+    "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
+    "tp": TensorParallelDispatcher,  # lesson 07: tensor parallel, for comparison
+}
+EXPERT_BANKS: dict[str, type[nn.Module]] = {
+    "loop": LoopExperts,  # lesson 01: one expert after the other
+    "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
+    "grouped": GroupedExperts,  # lesson 04: one grouped GEMM over variable-size groups
+}
+
+
+@dataclass
+class MoEAux:
+    """What the layer reports beside its output, for the losses and the plots.
+
+    aux_loss: the load-balancing loss of this rank's tokens (`router.load_balancing_loss`).
+    z_loss: the router z-loss of this rank's tokens (`load_balancing.router_z_loss`).
+    tokens_per_expert: [E] int64, (token, slot) pairs this rank's tokens chose for each expert
+        (before any capacity limit: the router's demand).
+    routing: the router's full decision.
+    capacity: C, the most pairs an expert takes from this rank (None: dropless, lesson 05).
+    dropped: how many of this rank's T·k pairs went over capacity.
+    """
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    routing: Routing
+    capacity: int | None = None
+    dropped: torch.Tensor | None = None
+
+    @property
+    def drop_rate(self) -> float:
+        """The fraction of this rank's (token, slot) pairs dropped (0.0 when dropless)."""
+        pairs = self.routing.expert_ids.numel()
+        return float(self.dropped) / pairs if pairs and self.dropped is not None else 0.0
+
+
+def _pick(kind: str, name: str, registry: dict):
+    if name not in registry:
+        raise ValueError(f"MoELayer {kind} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+class MoELayer(nn.Module):
+    """x [T, H] -> (y [T, H], MoEAux).
+
+    dispatcher: how rows reach the experts ("local": all experts on this device).
+    experts: how the expert bank runs its experts ("loop": one after the other).
+    group: the process group of a parallel dispatcher, EP or TP (None: all ranks);
+        "local" takes none.
+
+    The forward is four steps, each a method (the benchmark times them one by one):
+    route -> dispatch -> run_experts -> combine.
+    """
+
+    def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None):
+        super().__init__()
+        self.cfg = cfg
+        self.dispatcher: Dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
+        self.router = ROUTERS[cfg.router](cfg)
+        # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
+        # part of each expert's inner dimension); the bank holds just those weights.
+        self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts, self.dispatcher.ffn_slice)
+
+    def forward(self, x_TH: torch.Tensor):
+        self.check_input(x_TH)
+        routing = self.route(x_TH)
+        rows_MH, counts_L, state = self.dispatch(x_TH, routing)
+        y_TH = self.combine(self.run_experts(rows_MH, counts_L, state), state)
+        return y_TH, self.aux(routing)
+
+    def route(self, x_TH: torch.Tensor) -> Routing:
+        """Step 1: which k experts each token goes to, and with what weight."""
+        return self.router(x_TH)
+
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing):
+        """Step 2: the rows of this rank's experts, grouped by local expert -> (rows_MH, counts_L, state)."""
+        return self.dispatcher.dispatch(x_TH, routing)
+
+    def run_experts(self, rows_MH: torch.Tensor, counts_L: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Step 3: the expert bank on the dispatched rows. Where the dispatcher has the row counts on the host
+        (`state.sizes`, lesson 03's all-to-all), the bank takes them and has no host sync of its own."""
+        return self.experts(rows_MH, counts_L, state.sizes)
+
+    def combine(self, expert_out_MH: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Step 4: the results back to their tokens, weighted and summed -> y_TH."""
+        return self.dispatcher.combine(expert_out_MH, state)
+
+    def aux(self, routing: Routing) -> MoEAux:
+        """What the layer reports beside its output: the losses and the load (lessons 01, 05, 06)."""
+        E = self.cfg.num_experts
+        demand_E = routing.tokens_per_expert(E)
+        C = expert_capacity(self.cfg, routing.expert_ids.shape[0])
+        return MoEAux(load_balancing_loss(routing, E), router_z_loss(routing), demand_E, routing,
+                      capacity=C, dropped=dropped_pairs(demand_E, C))
+
+    def check_input(self, x) -> None:
+        """A clear ValueError for an input this layer cannot take, raised on every rank of a parallel layer
+        before any collective: the bad rank tells the others through the dispatcher's first collective."""
+        problem = self._input_problem(x)
+        if problem is None:
+            return
+        code, message = problem
+        if self.dispatcher.collective:  # the other ranks are about to wait for us in a collective
+            self.dispatcher.abort(code, message, self.router.weight.device)
+        raise ValueError(message)
+
+    def _input_problem(self, x) -> tuple[int, str] | None:
+        """(code, message) if x cannot be this layer's input; the codes are those of
+        `dispatcher.INPUT_PROBLEMS`, which parallel dispatchers send to the other ranks."""
+        H, dtype, device = self.cfg.hidden_dim, self.cfg.torch_dtype, self.router.weight.device
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            return 1, f"MoELayer input must have shape [tokens, hidden_dim={H}], got {shape}"
+        if x.dtype != dtype:
+            return 2, f"MoELayer input dtype must be {dtype} (cfg.dtype), got {x.dtype}"
+        if x.device != device:
+            return 3, f"MoELayer input is on {x.device} but the layer is on {device}"
+        return None
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load the unsharded weights (`lessons_lib.init.init_full_state_dict` names and shapes),
+        keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
+        expected = {"router.weight": self.router.weight}
+        for name, p in self.experts.named_parameters():
+            expected[f"experts.{name}"] = p
+        missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+        if missing or unexpected:
+            raise ValueError(f"state dict keys differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        E = self.cfg.num_experts
+        full_shapes = {f"experts.{n}": (E, *shape) for n, shape in expert_weight_shapes(self.cfg).items()}
+        for name, p in expected.items():
+            full = sd[name]
+            want = full_shapes.get(name, tuple(p.shape))
+            if tuple(full.shape) != want:
+                raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
+            if name.startswith("experts."):
+                mine = self.experts.experts
+                full = self.experts.shard(name.removeprefix("experts."), full[mine.start : mine.stop])
+            p.copy_(full)
