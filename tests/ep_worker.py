@@ -45,7 +45,8 @@ def equality_cases(N):
             yield dispatcher, "loop", cfg, "own_experts", even, "own_experts"
             if N > 1:
                 yield dispatcher, "loop", cfg, "receives_nothing", even, "receives_nothing"
-            yield dispatcher, "loop", MoEConfig(**{**base, "top_k": 8}, activation=activation), "top_k=E", even, "random"
+            top_k_is_e = MoEConfig(**{**base, "top_k": 8}, activation=activation)
+            yield dispatcher, "loop", top_k_is_e, "top_k=E", even, "random"
             e_is_n = MoEConfig(**{**base, "num_experts": N, "top_k": min(2, N)}, activation=activation)
             yield dispatcher, "loop", e_is_n, "E=N", even, "random"
             yield dispatcher, "loop", cfg, "uneven tokens", [8, 3, 12, 5][:N], "random"

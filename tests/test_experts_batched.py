@@ -108,25 +108,11 @@ BF16_TOLERANCE = 2e-2  # max relative error of a bf16 bank against fp32 math on 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("bank", ["loop", "bmm", "grouped"])
 def test_bf16_banks_on_gpu_stay_within_the_documented_tolerance(bank):
-    from lessons_lib.moe.layer import EXPERT_BANKS
+    from lessons_lib.lab.bench_experts import bf16_errors
 
-    cfg16 = MoEConfig(num_experts=8, hidden_dim=512, ffn_dim=256, activation="swiglu", dtype="bfloat16")
-    cfg32 = MoEConfig(num_experts=8, hidden_dim=512, ffn_dim=256, activation="swiglu")
-    counts = torch.tensor([300, 0, 17, 1, 250, 0, 132, 300], device="cuda")
-    x = torch.randn(int(counts.sum()), 512, device="cuda").bfloat16()
-    g = torch.randn_like(x)
-    b16 = EXPERT_BANKS[bank](cfg16, range(8)).cuda()
-    b32 = LoopExperts(cfg32, range(8)).cuda()
-    b32.load_state_dict({k: v.float() for k, v in b16.state_dict().items()})
-    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
-    y16, y32 = b16(x16, counts), b32(x32, counts)
-    (y16 * g).sum().backward()
-    (y32 * g.float()).sum().backward()
-    errors = {"output": relative_error(y16.float(), y32), "grad_input": relative_error(x16.grad.float(), x32.grad)}
-    for name, p in b16.named_parameters():
-        errors[name] = relative_error(p.grad.float(), getattr(b32, name).grad)
-    print(bank, getattr(b16, "path", ""), errors)
-    assert max(errors.values()) <= BF16_TOLERANCE, errors
+    measured = bf16_errors(bank, torch.device("cuda"))
+    print(bank, measured)
+    assert max(measured["errors"].values()) <= BF16_TOLERANCE, measured
 
 
 def test_relative_error_never_lets_a_nan_pass():

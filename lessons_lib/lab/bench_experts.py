@@ -22,6 +22,7 @@ from ..moe.config import MoEConfig
 from ..moe.experts import activate
 from ..moe.experts_batched import BmmExperts, GroupedExperts, flops_per_row
 from ..moe.layer import EXPERT_BANKS
+from .equivalence import relative_error
 from .records import record_header
 from .timing import median, timed_runs
 
@@ -110,13 +111,47 @@ def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats:
     return out
 
 
+BF16_COUNTS = [300, 0, 17, 1, 250, 0, 132, 300]  # uneven, empty groups, a group of one row
+
+
+def bf16_errors(bank: str, device, counts: list[int] = BF16_COUNTS, seed: int = 0) -> dict:
+    """How far a bank in bf16 is from fp32 math on the same (bf16-rounded) weights and inputs: the max relative
+    error of its output and of every gradient (input, w1, w2, w3), 8 experts, H 512, F 256, SwiGLU."""
+    cfg16 = MoEConfig(num_experts=len(counts), hidden_dim=512, ffn_dim=256, activation="swiglu", dtype="bfloat16",
+                      seed=seed)
+    cfg32 = MoEConfig(num_experts=len(counts), hidden_dim=512, ffn_dim=256, activation="swiglu", seed=seed)
+    counts_L = torch.tensor(counts, device=device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), 512, generator=g).to(device).bfloat16()
+    grad = torch.randn(sum(counts), 512, generator=g).to(device).bfloat16()
+    b16 = EXPERT_BANKS[bank](cfg16, range(len(counts))).to(device)
+    b32 = EXPERT_BANKS["loop"](cfg32, range(len(counts))).to(device)
+    b32.load_state_dict({k: v.float() for k, v in b16.state_dict().items()})
+    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y16, y32 = b16(x16, counts_L), b32(x32, counts_L)
+    (y16 * grad).sum().backward()
+    (y32 * grad.float()).sum().backward()
+    errors = {"output": relative_error(y16.float(), y32), "grad_input": relative_error(x16.grad.float(), x32.grad)}
+    for name, w in b16.named_parameters():
+        errors[f"grad_{name}"] = relative_error(w.grad.float(), getattr(b32, name).grad)
+    return {"path": b16.path, "errors": errors}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the JSON record here (and a .png beside it)")
     ap.add_argument("--small", action="store_true", help="CPU-sized shape, fp32")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--bf16-errors", action="store_true", help="instead: every bank's bf16 error against fp32 math")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.bf16_errors:
+        record = {**record_header("lessons_lib.lab.bench_experts", device, argv, torchrun=False),
+                  "counts": BF16_COUNTS, "banks": {b: bf16_errors(b, device) for b in BANKS}}
+        print(json.dumps(record, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        return record
     if args.small or device.type == "cpu":
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=256, ffn_dim=1024, activation="swiglu")
         rows = 512

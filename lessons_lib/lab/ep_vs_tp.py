@@ -37,7 +37,8 @@ def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=N
     same_global_batch: False gives every TP rank `tokens` tokens too (the same work per rank). True compares
     the two layouts of the same N ranks and the same batch, as at a fixed world size: EP's N ranks each hold
     their own `tokens`, while TP's ranks all run the group's whole batch of N · tokens (tensor parallelism
-    leaves no data parallelism inside the group). Then EP sends k/N of TP's bytes."""
+    leaves no data parallelism inside the group). Then EP sends k/N of TP's bytes. Rank 0 prints a line per layout
+    as it goes."""
     device = device if device is not None else torch.device("cpu")
     rank, N = rank_and_size(group)
     if (tokens * cfg.top_k) % cfg.num_experts:
@@ -68,6 +69,9 @@ def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=N
             "gemm_weight_shape": list(w1.shape[1:]),  # [H, F] under EP, [H, F/N] under TP
             "step_ms": median(train_step_times(layer, T, steps=steps, warmup=warmup, group=group, x=x)),
         }
+        if rank == 0:  # the launcher streams this into the notebook while the cell runs
+            print(f"{name.upper()} on {N} ranks, {T} tokens per rank: counted {counted:.0f} B, "
+                  f"step {out[name]['step_ms']:.2f} ms", flush=True)
     return out
 
 
