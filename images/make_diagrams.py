@@ -1,6 +1,6 @@
 """Draw the course's diagrams from the code, so they stay true to it.
 
-    python images/make_diagrams.py [--out images/]
+    python images/make_diagrams.py [--out images/]       (after `make install`: lessons_lib is installed)
 
 moe_layer.png: the parts of `MoELayer` (router, dispatcher, expert bank) and what flows
 between them, with the registered dispatchers and expert banks named.
@@ -10,7 +10,6 @@ rank each (token, expert) pair must travel to when 2 ranks share the experts.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lessons_lib import DISPATCHERS, EXPERT_BANKS, ROUTERS, MoEConfig, MoELayer, experts_of_rank  # noqa: E402
 
 RANK_COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]

@@ -149,3 +149,22 @@ def test_grade_runs_a_students_notebook_and_reports_each_exercise(tmp_path, caps
     checker.main(["grade", str(path), "--solutions"])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {v["status"] for v in record["results"].values()} == {"passed"}
+
+
+def test_an_unstable_sort_fails_the_exercises_that_ask_for_a_stable_one():
+    def rows_of_rank(gathered_expert, first, last):
+        keep = torch.nonzero((gathered_expert >= first) & (gathered_expert < last)).squeeze(1)
+        return keep[torch.argsort(gathered_expert[keep])]  # not stable
+
+    def group_by_rank(dest):
+        order = torch.argsort(dest)  # not stable
+        return order, torch.argsort(order)
+
+    for key, fn, case in (("02.1", rows_of_rank, "many rows per expert"), ("03.2", group_by_rank, "many rows per rank")):
+        result = run_check(key, fn)
+        assert result["status"] == "failed" and case in result["message"], result
+
+
+def test_a_tensor_is_not_the_int_that_is_asked_for():
+    result = run_check("04.2", lambda counts, flops: (len(counts) * counts.max() - counts.sum()) * flops)
+    assert result["status"] == "failed" and "should be a Python int, got Tensor" in result["message"]

@@ -57,6 +57,10 @@ def _differs(expected, got, where: str = "result") -> str | None:
             return None if torch.equal(got.to(expected.dtype), expected) else f"{where} has the wrong values"
         ok = torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=1e-6)
         return None if ok else f"{where} differs by up to {(got.float() - expected.float()).abs().max():.3g}"
+    if isinstance(expected, int) and not isinstance(expected, bool):  # an int was asked for, not a tensor
+        if isinstance(got, bool) or not isinstance(got, int):
+            return f"{where} should be a Python int, got {type(got).__name__}"
+        return None if got == expected else f"{where} should be {expected!r}"
     if isinstance(expected, float):
         ok = (isinstance(got, (int, float, torch.Tensor))
               and math.isclose(float(got), expected, rel_tol=1e-5, abs_tol=1e-9))

@@ -85,7 +85,9 @@ def _gathered_experts(seed, n, E, pad):
            lambda: [("random", (_gathered_experts(0, 20, 8, 4), 4, 8)),
                     ("rank 0", (_gathered_experts(1, 20, 8, 0), 0, 4)),
                     ("no row is mine", (torch.tensor([0, 1, 1, 0, -1]), 2, 4)),
-                    ("one hot expert", (torch.tensor([5, 5, 2, 5, -1, -1]), 4, 8))])
+                    ("one hot expert", (torch.tensor([5, 5, 2, 5, -1, -1]), 4, 8)),
+                    # many rows per expert: only a stable sort keeps gather order inside a bucket here
+                    ("many rows per expert", (_gathered_experts(2, 400, 8, 16), 4, 8))])
 def rows_of_rank(gathered_expert: torch.Tensor, first: int, last: int) -> torch.Tensor:
     """Positions of the rows whose expert is in first..last-1, grouped by expert, gather order inside."""
     from lessons_lib.moe.dispatch_allgather import rows_of_experts
@@ -125,6 +127,8 @@ def split_sizes(expert_ids: torch.Tensor, num_experts: int, world_size: int) -> 
            lambda: [("random", (torch.randint(4, (12,), generator=_g(0)),)),
                     ("already grouped", (torch.tensor([0, 0, 1, 1, 1]),)),
                     ("all to one rank", (torch.full((6,), 2),)),
+                    # many ties: an unstable sort reorders them (small CPU sorts happen to be stable)
+                    ("many rows per rank", (torch.randint(4, (400,), generator=_g(1)),)),
                     ("no rows", (torch.zeros(0, dtype=torch.long),))])
 def group_by_rank(dest: torch.Tensor):
     """(order, inverse): dest[order] is sorted, ties in their original order; x[order][inverse] == x."""
@@ -243,7 +247,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return router_z_loss(Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), logits.softmax(-1), logits))
 
 
-@_exercise("06.3", "the Switch/GShard auxiliary loss, E · Σ f_i · P_i",
+@_exercise("06.3", "the Switch-style auxiliary loss, E · Σ f_i · P_i",
            "f_i: the fraction of the T·k chosen (token, slot) pairs that went to expert i; P_i: the mean of "
            "probs[:, i] over the tokens. It is 1 when routing is uniform.",
            lambda: [("random",

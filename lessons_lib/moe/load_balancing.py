@@ -4,7 +4,7 @@ Under expert parallelism a rank holds a fixed block of experts, so a rank whose 
 popular does more work while the others wait: the busiest rank sets the step time. Three tools
 keep the load even:
 
-- the Switch/GShard auxiliary loss (`router.load_balancing_loss`, lesson 01), a gradient that
+- the Switch-style auxiliary loss (`router.load_balancing_loss`, lesson 01), a gradient that
   pushes probability away from overloaded experts;
 - the router z-loss, mean over tokens of logsumexp(logits)², which keeps the logits small
   (ST-MoE adds it for stability, not balance);

@@ -79,10 +79,11 @@ class TopKRouter(nn.Module):
 
 
 def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
-    """The Switch Transformer / GShard auxiliary loss, E · Σ_i f_i · P_i.
+    """The Switch Transformer's auxiliary loss, E · Σ_i f_i · P_i, counted over all T·k assignments.
 
     f_i: the fraction of the T·k (token, slot) assignments that went to expert i
-         (a count: no gradient flows through it).
+         (a count: no gradient flows through it). Counting all k choices, normalised by T·k, is how
+         Megatron-core counts; Switch has k = 1, and GShard (and DeepSpeed) count first choices only.
     P_i: the mean router probability of expert i over the T tokens (differentiable).
 
     Normalization: f and P each sum to 1, so the loss is exactly 1 when routing is
