@@ -27,7 +27,7 @@ def course_notebooks(only: list[str] | None = None) -> list[Path]:
 
 def _call(cmd: list[str], timeout: float, cwd: Path) -> None:
     env = dict(os.environ)  # the course is installed (pip install -e .): no PYTHONPATH needed
-    env["MOE_COURSE_HEADLESS"] = "1"  # no frontend: lessons skip widgets (see lessons_lib.figures.running_headless)
+    env["MOE_COURSE_HEADLESS"] = "1"  # no frontend: lessons skip widgets (see lessons_lib.lab.figures.running_headless)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     try:
         rc = proc.wait(timeout=timeout)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..lab.progress import Progress
 from ..moe.distributed import all_reduce_grads
-from ..moe.load_balancing import update_expert_bias
+from ..moe.load_balancing import SigmoidBiasRouter, update_expert_bias
 
 INPUTS = ("gaussian", "clusters")
 
@@ -95,7 +95,7 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
         raise ValueError(f"train needs steps > 0 and tokens >= 0, got steps={steps}, tokens={tokens}")
     if min(aux_coef, z_coef, bias_rate) < 0:
         raise ValueError("train needs aux_coef, z_coef and bias_rate >= 0")
-    if bias_rate and not hasattr(layer.router, "expert_bias"):
+    if bias_rate and not isinstance(layer.router, SigmoidBiasRouter):
         raise ValueError(f"bias_rate needs a router with a balancing bias (cfg.router='sigmoid_bias'), "
                          f"not {layer.cfg.router!r}")
     device = next(layer.parameters()).device

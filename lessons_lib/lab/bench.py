@@ -157,7 +157,7 @@ def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = F
     """The machine's limits at this size: all-to-all bus bandwidth at the dispatch's bytes, dense FFN rate;
     with `train_step`, also the AdamW update of a rank's share of the layer alone. A training step takes at
     least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all).
-    On a CPU, also what one collective of the dispatch's size costs after compute (`timing.collective_latency`)."""
+    On a CPU, also what one collective of the dispatch's size costs after compute (`limits.collective_latency`)."""
     rows = tokens * cfg.top_k
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
     ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)  # with the input's gradient, as bench_one
@@ -279,7 +279,7 @@ def markdown(record: dict) -> str:
                   f"C = {g['capacity']} rows per rank (nothing dropped, {100 * g['padding_fraction']:.0f}% of the rows "
                   f"are empty slots). Training step: {g['dropless_eager_ms']:.3g} ms dropless, "
                   f"{g['static_eager_ms']:.3g} ms static, **{g['graph_ms']:.3g} ms static and replayed from one CUDA "
-                  f"graph** (`lessons_lib.cuda_graphs`)."]
+                  f"graph** (`lessons_lib.lab.graph_times`)."]
     lines += ["", "What forward + backward allocates per rank, from the shapes at the largest size (not all of it is "
               "alive at once; the measured peak is in the table above). Nothing grows with experts × ranks × "
               "tokens:", "",

@@ -58,7 +58,7 @@ class MoEConfig:
         padding. The course's alltoall dispatcher still exchanges counts and syncs once per step.
     dtype: parameter dtype, "float32", "bfloat16" or "float16" (the router always scores in fp32).
     seed: the seed the weights are drawn from; the same seed gives the same layer
-        on any number of ranks (see `lessons_lib.init`).
+        on any number of ranks (see `lessons_lib.moe.init`).
     """
 
     num_experts: int = 8

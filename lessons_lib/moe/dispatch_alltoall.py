@@ -114,7 +114,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_NL.sum(0), state
 
     def _static_sizes(self, x_TH: torch.Tensor, index: RowIndex):
-        """The split sizes without asking anyone, for a pass recorded into a CUDA graph (`cuda_graphs`, lesson 05).
+        """The split sizes without asking anyone, for a pass recorded into a CUDA graph (`cuda_graph`, lesson 05).
 
         A graph cannot wait for the GPU to tell it a size, and replays every shape it recorded. Lesson 05's padded
         capacity makes every size known in advance: each rank sends exactly C rows to every expert (with the same

@@ -157,7 +157,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load the unsharded weights (`lessons_lib.init.init_full_state_dict` names and shapes),
+        """Load the unsharded weights (`lessons_lib.moe.init.init_full_state_dict` names and shapes),
         keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
         expected = {"router.weight": self.router.weight}
         for name, p in self.experts.named_parameters():
