@@ -160,7 +160,8 @@ def test_an_unstable_sort_fails_the_exercises_that_ask_for_a_stable_one():
         order = torch.argsort(dest)  # not stable
         return order, torch.argsort(order)
 
-    for key, fn, case in (("02.1", rows_of_rank, "many rows per expert"), ("03.2", group_by_rank, "many rows per rank")):
+    for key, fn, case in (("02.1", rows_of_rank, "many rows per expert"),
+                          ("03.2", group_by_rank, "many rows per rank")):
         result = run_check(key, fn)
         assert result["status"] == "failed" and case in result["message"], result
 
