@@ -46,6 +46,9 @@ def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
     nb = nbformat.read(str(out), as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    # stderr shows as a red block: progress bars, warnings and tracebacks do not belong in a lesson's output
+    stderr = [o.text[:300] for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, stderr
     # a widget cannot render headless, and nbclient can hang on one: lessons print a static result instead
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     if _has_exercises(notebook):
