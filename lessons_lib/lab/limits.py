@@ -76,7 +76,7 @@ def collective_latency(nbytes: int, device, steps: int = 100, warmup: int = 10, 
     arrival_spread_ms: median time between the first and the last rank's arrival.
     The last two compare clocks across ranks: the ranks must share one machine (torchrun --standalone).
     On a small virtual machine the exchange after compute sometimes takes many times its back-to-back cost, as a
-    process asleep in a collective is slow to wake (lesson 03 measures about one call in ten waiting ms), and a
+    process asleep in a collective is slow to wake (the README's appendix on the course's CI machine), and a
     training step risks it at each of its collectives."""
     N = dist.get_world_size(group)
     send = torch.zeros(max(N, nbytes // 4 // N * N), device=device)
