@@ -189,7 +189,7 @@ def test_unsaved_edit_of_a_cell_that_ran_before_is_caught_by_cell_id(nb, monkeyp
 
 
 def test_command_line(nb, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed launcher, from anywhere
     out = subprocess.run([sys.executable, "-m", "launcher", str(nb), "--tags", "a", "b", "--nproc", "2",
                           "--param", "X=1"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -197,3 +197,12 @@ def test_command_line(nb, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "launcher", str(nb), "--tags", "nope"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert bad.returncode == 1 and "its tags are" in bad.stderr
+
+
+def test_a_graded_students_notebook_is_found_before_the_courses_copy(tmp_path, monkeypatch):
+    student = tmp_path / "00_setup_and_launcher.ipynb"
+    student.write_text((REPO / "notebooks" / student.name).read_text())
+    monkeypatch.setenv("LAUNCHER_NOTEBOOK_DIR", str(tmp_path))
+    assert find_notebook(student.name) == student.resolve()
+    monkeypatch.delenv("LAUNCHER_NOTEBOOK_DIR")
+    assert find_notebook(student.name) == REPO / "notebooks" / student.name
