@@ -36,3 +36,13 @@ def test_papermill_runs_a_lesson_from_a_temporary_directory_without_pythonpath(l
     cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
     assert not [o for c in cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ipynb"], "a hand run leaves nothing else behind"
+
+
+def test_nbconvert_executes_a_lesson_from_a_temporary_directory_without_pythonpath(tmp_path):
+    src = tmp_path / "00_setup_and_launcher.ipynb"
+    src.write_text((NOTEBOOKS / src.name).read_text())  # a copy, as a student keeps one of their own
+    proc = subprocess.run([sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute", "--output", "out.ipynb",
+                           str(src)], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    assert not [o for c in cells for o in c.get("outputs", []) if o["output_type"] == "error"]
