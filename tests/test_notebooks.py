@@ -90,3 +90,12 @@ def test_headless_runs_are_recognised(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "papermill", str(src), str(out), "-k", "python3",
                            "--no-progress-bar"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if _has_exercises(nb)], ids=lambda p: p.stem)
+def test_a_lesson_gives_its_student_hint_and_solution(notebook):
+    """Each lesson's exercises say: stuck? hint("NN.1"); last resort, solution("NN.1"). Both must be defined."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    imports = [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+               if line.startswith("from lessons_lib.course.checker import")]
+    assert any({"check", "hint", "solution"} <= set(line.replace(",", " ").split()) for line in imports), imports
