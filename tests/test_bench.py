@@ -100,3 +100,10 @@ def test_the_markdown_table_has_as_many_separators_as_columns():
         for header in rows:
             sep = text.splitlines()[text.splitlines().index(header) + 1]
             assert header.count("|") == sep.count("|"), path
+
+
+def test_the_committed_profile_gives_the_grouped_gemm_time_lesson_04_reads():
+    from lessons_lib.lab.profile import op_device_time
+
+    seconds, calls = op_device_time((REPO / "images" / "profile_realistic_2xh200.txt").read_text(), "aten::_grouped_mm")
+    assert calls == 35 and abs(seconds - 0.0495) < 0.0005

@@ -308,6 +308,27 @@ def show_bench(name: str, dispatchers=None, experts=None) -> dict | None:
     return record
 
 
+def layer_rates(record: dict, dispatchers) -> tuple[dict, float]:
+    """In a lesson (04): each run of a record at its largest size, TFLOP/s per GPU and MFU next to the dense FFN of
+    the same FLOPs measured in the same run. Returns ({(dispatcher, bank): run}, the dense FFN's TFLOP/s)."""
+    c, tokens = record["config"], max(r["tokens_per_rank"] for r in record["runs"])
+    dense = record["limits"][str(tokens)]["dense_ffn_tflops"]
+    print(f"{record['device']} x {record['world_size']}, torch {record['torch']}, {record['date']}: "
+          f"{c['num_experts']} experts ({c['num_experts'] // record['world_size']} per GPU), top-{c['top_k']}, hidden "
+          f"{c['hidden_dim']}, FFN {c['ffn_dim']}, {c['dtype']}, {tokens} tokens per rank; "
+          f"dense FFN {dense:.0f} TFLOP/s")
+    for note in record.get("corrections", []):
+        print("correction:", note)
+    runs = {}
+    for r in record["runs"]:
+        if r["dispatcher"] in dispatchers and r["tokens_per_rank"] == tokens:
+            runs[r["dispatcher"], r["experts"]] = r
+            print(f"    {r['dispatcher']:8s} + {r['experts']:8s} {r['tflops_per_gpu']:4.0f} TFLOP/s per GPU, "
+                  f"MFU {r['mfu']:.0%} of {record['peak_tflops']:.0f}, "
+                  f"{r['tflops_per_gpu'] / dense:.0%} of the dense FFN")
+    return runs, dense
+
+
 def plot(record: dict, path) -> None:
     """TFLOP/s per GPU of each combination next to the dense FFN; forward phases; time per token vs tokens."""
     import matplotlib

@@ -7,6 +7,7 @@ optionally a Chrome trace of a few forward + backward passes (every rank its own
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import torch
@@ -70,3 +71,11 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
             + events.table(sort_by=sort, row_limit=25) + "\n\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=25))
     Path(path).write_text(text)
+
+
+def op_device_time(table: str, op: str) -> tuple[float, int]:
+    """(seconds of self device time, calls) of `op` (say "aten::_grouped_mm") in a profile written by
+    `profile_step` (its first table, sorted by device time; lesson 04 reads the committed ones)."""
+    fields = next(line for line in table.splitlines() if line.strip().startswith(op + " ")).split()
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", fields[-3]).groups()
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit], int(fields[-1])

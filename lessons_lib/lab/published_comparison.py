@@ -144,3 +144,30 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def show_comparison(record: dict, layers: dict[str, str]) -> tuple[dict, dict]:
+    """In a lesson (02, 03): the record's header, then for each optimizer × malloc setting the published notebook's
+    range of step times over the rounds and each of `layers` ({"alltoall+loop": "lesson 03", ...}), with the median
+    published / course ratio (above 1: the course is faster). Returns (ratio, overlap), keyed by
+    ((optimizer, keep_freed_memory), layer); overlap says whether the two ranges over the rounds overlap."""
+    rounds = len({r["round"] for r in record["runs"]})
+    print(f"{record['device']}, torch {record['torch']}, {record['date']}; {record['world_size']} {record['backend']} "
+          f"ranks, {record['tokens_per_rank']} tokens per rank, {record['steps']} steps per timing, {rounds} rounds")
+    print(f"  {record['command']}")
+    print(f"{'optimizer':9s} {'malloc':17s} {'published ms':>14s}" + "".join(f" {n + ' ms':>16s}  ratio"
+                                                                          for n in layers.values()))
+    ratio, overlap = {}, {}
+    for row in record["summary"]:
+        setting = (row["optimizer"], row["keep_freed_memory"])
+        pub = row["published_ms"]
+        malloc = "keep_freed_memory" if setting[1] else "as it is"
+        line = f"{row['optimizer']:9s} {malloc:17s} {pub[0]:6.1f} to {pub[1]:4.1f}"
+        for key in layers:
+            ratio[setting, key] = row[f"speedup {key}"]
+            overlap[setting, key] = max(pub[0], row[key][0]) <= min(pub[1], row[key][1])
+            mark = "*" if overlap[setting, key] else " "
+            line += f"   {row[key][0]:6.1f} to {row[key][1]:4.1f}  {ratio[setting, key]:5.2f}{mark}"
+        print(line)
+    print("* the course's range over the rounds overlaps the published one")
+    return ratio, overlap
