@@ -5,7 +5,9 @@ Modes (params["mode"]):
   bad_input: one rank gets bad input, or E is not divisible by N: every rank must raise, none hang;
   alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single;
   traffic: the bytes each dispatcher counts against what the routing says it must send;
-  bias: DeepSeek-V3's bias update sums the loads over the ranks, so every rank keeps the same bias.
+  bias: DeepSeek-V3's bias update sums the loads over the ranks, so every rank keeps the same bias;
+  lesson08: shared experts (gated or not) and the hash router behind every dispatcher and bank;
+  overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without.
 """
 import torch
 import torch.distributed as dist
@@ -75,6 +77,65 @@ def looped_grouped_cases(N):
             yield dispatcher, "grouped", cfg, "loop of mm: random", [8] * N, "random"
             yield dispatcher, "grouped", cfg, "loop of mm: one_expert", [8] * N, "one_expert"
             yield dispatcher, "grouped", cfg, "loop of mm: uneven tokens", [0, 6, 12, 5][:N], "random"
+
+
+def lesson08_cases(N):
+    """(dispatcher, bank, config, case, tokens per rank, routing) for lesson 08's block."""
+    from lessons_lib.lab.equivalence import routing_cases
+
+    base = dict(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32)
+    configs = {"shared, gelu": MoEConfig(**base, shared_ffn_dim=24),
+               "shared gated, swiglu": MoEConfig(**base, activation="swiglu", shared_ffn_dim=24, shared_gate=True),
+               "hash": MoEConfig(**base, activation="swiglu", router="hash"),
+               "hash, shared gated": MoEConfig(**base, router="hash", shared_ffn_dim=8, shared_gate=True),
+               "deepseek: sigmoid_bias + shared": MoEConfig(**base, activation="swiglu", router="sigmoid_bias",
+                                                            num_groups=4, topk_groups=2, routed_scaling_factor=2.5,
+                                                            shared_ffn_dim=32)}
+    for dispatcher in ("allgather", "alltoall", "tp"):
+        for bank in ("loop", "grouped"):
+            for name, cfg in configs.items():
+                for case, tokens, routing in routing_cases(N):
+                    yield dispatcher, bank, cfg, f"{name}: {case}", tokens, routing
+                every_group = {"topk_groups": None, "num_groups": 1} if cfg.topk_groups else {}
+                top_k_is_e = MoEConfig(**{**cfg.__dict__, "top_k": 8, **every_group})
+                yield dispatcher, bank, top_k_is_e, f"{name}: top_k=E", [5] * N, "random"
+
+
+def overlap_bitwise(rank, N, device):
+    """Outputs and every gradient, overlap on vs off, compared with torch.equal on every rank."""
+    from lessons_lib.lab.equivalence import adversarial_inputs, adversarial_token_ids
+
+    cfg = MoEConfig(num_experts=4 * N, top_k=2, hidden_dim=32, ffn_dim=64, activation="swiglu",
+                    shared_ffn_dim=96, shared_gate=True)
+    tokens = [6 + 5 * r for r in range(N)]
+    sd, X, G = adversarial_inputs(cfg, tokens, "random", N)
+    lo = sum(tokens[:rank])
+    x0, g = X[lo:lo + tokens[rank]].to(device), G[lo:lo + tokens[rank]].to(device)
+    results = {}
+    for dispatcher in ("alltoall", "allgather"):
+        for bank in ("loop", "grouped"):
+            runs = []
+            for overlap in (True, False):
+                layer = MoELayer(cfg, dispatcher, bank, overlap=overlap).to(device)
+                layer.load_full_state_dict(sd)
+                x = x0.clone().requires_grad_()
+                y, _ = layer(x)
+                (y * g).sum().backward()
+                runs.append([y.detach(), x.grad] + [p.grad for _, p in layer.named_parameters()])
+            results[f"{dispatcher}/{bank}"] = all(torch.equal(a, b) for a, b in zip(*runs))
+    hash_cfg = MoEConfig(num_experts=4 * N, top_k=2, hidden_dim=32, ffn_dim=64, router="hash", shared_ffn_dim=32)
+    ids = adversarial_token_ids(hash_cfg, tokens, "random", N)[lo:lo + tokens[rank]].to(device)
+    runs = []
+    for overlap in (True, False):
+        layer = MoELayer(hash_cfg, "alltoall", overlap=overlap).to(device)
+        x = x0.clone().requires_grad_()
+        y, _ = layer(x, ids)
+        (y * g).sum().backward()
+        runs.append([y.detach(), x.grad] + [p.grad for _, p in layer.named_parameters()])
+    results["alltoall/hash"] = all(torch.equal(a, b) for a, b in zip(*runs))
+    every = [None] * N
+    dist.all_gather_object(every, results)
+    return every
 
 
 def traffic_check(rank, N, device):
@@ -155,6 +216,31 @@ def main():
                 row["path"] = probe.experts.path
             rows.append(row)
         result = rows
+    elif p["mode"] == "lesson08":
+        GroupedExperts.use_reference_kernel = True
+        result = []
+        for dispatcher, bank, cfg, name, tokens, routing in lesson08_cases(world_size):
+            errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
+                                                device=device, overlap=p.get("overlap", True))
+            result.append({"dispatcher": dispatcher, "experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "overlap_bitwise":
+        result = overlap_bitwise(rank, world_size, device)
+    elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="hash")
+        messages = {}
+        for dispatcher in ("allgather", "alltoall", "tp"):
+            layer = MoELayer(cfg, dispatcher).to(device)
+            x = torch.randn(4, 16, device=device)
+            for bad, ids in (("missing", None), ("shape", torch.arange(3, device=device))):
+                try:
+                    layer(x, ids if rank == 1 else torch.arange(4, device=device))
+                    messages[f"{dispatcher}/{bad}"] = "no error"
+                except ValueError as e:
+                    messages[f"{dispatcher}/{bad}"] = str(e)
+            layer(x, torch.arange(4, device=device))  # the group still works afterwards
+        every = [None] * world_size
+        dist.all_gather_object(every, messages)
+        result = every
     elif p["mode"] == "subgroups":  # two independent groups of 2 ranks, each its own global batch
         GroupedExperts.use_reference_kernel = True
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
@@ -260,12 +346,14 @@ def main():
     elif p["mode"] == "train_ep":  # toy.train under EP: the replicated router and bias stay the same everywhere
         from lessons_lib.course.toy import ToyTask, train
 
-        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias")
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias",
+                        shared_ffn_dim=16)
         layer = MoELayer(cfg, "alltoall").to(device)
         train(layer, ToyTask(16), steps=10, tokens=16, bias_rate=0.01, rank=rank, group=dist.group.WORLD,
               progress=False)
         every = [None] * world_size
-        dist.all_gather_object(every, [layer.router.weight.detach().cpu(), layer.router.expert_bias.cpu()])
+        dist.all_gather_object(every, [layer.router.weight.detach().cpu(), layer.router.expert_bias.cpu(),
+                                       layer.shared.w1.detach().cpu()])
         from lessons_lib.moe.distributed import all_reduce_grads
 
         w = layer.router.weight  # a rank without a gradient joins the sum with zeros instead of hanging
@@ -274,13 +362,20 @@ def main():
         summed_without_hang = bool((w.grad == 1).all())
         result = {"summed_without_hang": summed_without_hang,
                   "router_moved": (every[0][0] - MoELayer(cfg).router.weight).abs().max().item(),
-                  "router_diff": max((w - every[0][0]).abs().max().item() for w, _ in every),
-                  "bias_diff": max((b - every[0][1]).abs().max().item() for _, b in every)}
+                  "router_diff": max((w - every[0][0]).abs().max().item() for w, _, _ in every),
+                  "bias_diff": max((b - every[0][1]).abs().max().item() for _, b, _ in every),
+                  "shared_moved": (every[0][2] - MoELayer(cfg).shared.w1).abs().max().item(),
+                  "shared_diff": max((s - every[0][2]).abs().max().item() for _, _, s in every)}
     elif p["mode"] == "ep_dp":
         from lessons_lib.lab.equivalence import compare_ep_dp_step
 
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
         result = {bank: compare_ep_dp_step(cfg, ep_size=2, experts=bank, device=device) for bank in ("loop", "grouped")}
+        shared = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu", shared_ffn_dim=24,
+                           shared_gate=True)  # lesson 08: the shared expert's gradient summed over all ranks
+        result["shared"] = compare_ep_dp_step(shared, ep_size=2, experts="grouped", device=device)
+        hashed = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, router="hash", shared_ffn_dim=8)
+        result["hash"] = compare_ep_dp_step(hashed, ep_size=2, device=device)
         try:
             compare_ep_dp_step(cfg, ep_size=3, device=device)
             result["bad ep_size"] = "no error"

@@ -92,11 +92,15 @@ def test_traffic_is_counted_from_the_real_sizes(nproc):
 
 def test_one_ep_x_dp_training_step_equals_the_single_device_step():
     result = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "ep_dp"}, stream=False, timeout=300).value
-    for bank in ("loop", "grouped"):
-        errors = result[bank]
+    swiglu = {"experts.w1", "experts.w2", "experts.w3"}
+    expected = {"loop": {"router.weight"} | swiglu, "grouped": {"router.weight"} | swiglu,
+                "shared": {"router.weight", "shared.w1", "shared.w2", "shared.w3", "shared.gate"} | swiglu,
+                "hash": {"shared.w1", "shared.w2", "experts.w1", "experts.w2"}}  # lesson 08: no router weight
+    for variant, names in expected.items():
+        errors = result[variant]
         assert errors.pop("weights_moved") > 1e-3  # the step really changed the weights
-        assert set(errors) == {"router.weight", "experts.w1", "experts.w2", "experts.w3"}
-        assert max(errors.values()) <= TOLERANCE, (bank, errors)
+        assert set(errors) == names, variant
+        assert max(errors.values()) <= TOLERANCE, (variant, errors)
     assert "must divide the world size" in result["bad ep_size"]
 
 
@@ -111,6 +115,7 @@ def test_training_under_ep_keeps_the_replicated_router_identical():
     assert r["router_moved"] > 1e-3  # it trained
     assert r["summed_without_hang"]
     assert r["router_diff"] == 0.0 and r["bias_diff"] == 0.0
+    assert r["shared_moved"] > 1e-3 and r["shared_diff"] == 0.0  # lesson 08's shared expert: trained, kept equal
 
 
 @pytest.mark.parametrize("nproc", [4, 8])

@@ -111,10 +111,10 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
         opt.zero_grad(set_to_none=True)
         (task_loss + aux_coef * aux.aux_loss + z_coef * aux.z_loss).backward()
         if group is not None and not layer.dispatcher.replicated_tokens:
-            # Every rank holds a copy of the router, and its gradient came from this rank's tokens only
-            # (the experts' gradients already came back from every rank through the all-to-all): sum it,
-            # or the copies drift apart.
-            all_reduce_grads([layer.router.weight], group)
+            # Every rank holds a copy of the router (and of lesson 08's shared expert), and its gradient came from
+            # this rank's tokens only (the experts' gradients already came back from every rank through the
+            # all-to-all): sum it, or the copies drift apart.
+            all_reduce_grads(layer.replicated_parameters(), group)
         opt.step()
         if bias_rate:
             update_expert_bias(layer.router, aux.tokens_per_expert, bias_rate, group)

@@ -104,7 +104,7 @@ def layer_flops(cfg: MoEConfig, tokens: int) -> int:
 def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps: int, warmup: int,
               train_step: bool) -> dict:
     """Every measurement of one layer (`dispatcher` × `experts`) at one size (all ranks call it together)."""
-    cfg, device = layer.cfg, layer.router.weight.device
+    cfg, device = layer.cfg, layer.device
     rank, N = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(tokens, cfg.hidden_dim, generator=g).to(device, cfg.torch_dtype)

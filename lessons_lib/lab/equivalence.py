@@ -8,7 +8,9 @@ over ranks, since each rank's router copy only sees its own tokens) and of every
 
 Adversarial routings are made by steering the router: every token carries a constant feature
 x[:, 0] = 1 (and rank 0's tokens a marker x[:, 1] = 1), and large weights on those features
-force the choices below while everything else stays random.
+force the choices below while everything else stays random. The hash router (lesson 08) has no
+weight to steer: its token ids are picked instead, among ids whose hashed experts make the case.
+The replicated weights (router, shared expert) are compared with their gradients summed over ranks.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from ..moe.config import MoEConfig
 from ..moe.distributed import experts_of_rank, rank_and_size
+from ..moe.hash_router import expert_hash
 from ..moe.init import init_full_state_dict
 from ..moe.layer import MoELayer
 
@@ -43,6 +46,9 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
     X[:, 1] = 0.0
     X[: tokens_per_rank[0], 1] = 1.0  # rank 0's tokens carry the marker
     sd = {k: v.float() for k, v in init_full_state_dict(cfg).items()}
+    dtype = cfg.torch_dtype
+    if cfg.router == "hash":
+        return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
     W = sd["router.weight"]
     W[:, :2] = 0.0  # only the steering below acts through the two special features
     if routing == "one_expert":
@@ -54,8 +60,33 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
         if world_size < 2 or cfg.top_k > cfg.num_experts - len(last):
             raise ValueError("'receives_nothing' needs 2+ ranks and top_k <= the experts of the other ranks")
         W[list(last), 0] = -STEER
-    dtype = cfg.torch_dtype
     return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
+
+
+def adversarial_token_ids(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int,
+                          seed: int = 0) -> torch.Tensor:
+    """[global T] token ids for the hash router (lesson 08) that make `routing`'s case: ids drawn from those
+    whose k hashed experts satisfy it ("one_expert": every token the same id, so the same k experts)."""
+    total = sum(tokens_per_rank)
+    g = torch.Generator().manual_seed(seed + 1)
+    candidates = torch.arange(50_000)
+    experts_Vk = expert_hash(candidates, cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
+    def draw(ok, n):
+        pool = candidates[ok]
+        if len(pool) == 0:
+            raise ValueError(f"no token id makes the routing {routing!r} for this config")
+        return pool[torch.randint(len(pool), (n,), generator=g)]
+    everything = torch.ones(len(candidates), dtype=torch.bool)
+    if routing == "one_expert":
+        return torch.full((total,), int(draw(everything, 1)))
+    if routing == "own_experts":
+        mine = experts_of_rank(cfg.num_experts, 0, world_size)
+        own = ((experts_Vk >= mine.start) & (experts_Vk < mine.stop)).all(1)
+        return torch.cat([draw(own, tokens_per_rank[0]), draw(everything, total - tokens_per_rank[0])])
+    if routing == "receives_nothing":
+        last = experts_of_rank(cfg.num_experts, world_size - 1, world_size)
+        return draw((experts_Vk < last.start).all(1), total)
+    return draw(everything, total)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,17 +100,27 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: list[int]) -> torch.Tensor:
-    """The single-device layer's output for the global batch X. With a capacity (lesson 05) each
-    rank's slice is run on its own, because capacity is a budget per expert for one rank's tokens."""
+def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: list[int],
+                      ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The single-device layer's output for the global batch X (token ids `ids`, for the hash router). With a
+    capacity (lesson 05) each rank's slice is run on its own: capacity is a budget per expert for one rank's tokens."""
     if reference.cfg.capacity_factor is None:
-        return reference(X)[0]
-    return torch.cat([reference(part)[0] for part in X.split(tokens_per_rank)])
+        return reference(X, ids)[0]
+    id_parts = ids.split(tokens_per_rank) if ids is not None else [None] * len(tokens_per_rank)
+    return torch.cat([reference(part, i)[0] for part, i in zip(X.split(tokens_per_rank), id_parts)])
+
+
+def _token_ids(cfg, tokens_per_rank, routing, N, seed, device):
+    return adversarial_token_ids(cfg, tokens_per_rank, routing, N, seed).to(device) if cfg.router == "hash" else None
+
+
+def _slice(ids, lo, hi):
+    return ids[lo:hi] if ids is not None else None
 
 
 def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
                                tokens_per_rank: list[int] | None = None, routing: str = "random",
-                               group=None, seed: int = 0, device=None) -> dict[str, float]:
+                               group=None, seed: int = 0, device=None, overlap: bool = True) -> dict[str, float]:
     """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
     layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
 
@@ -93,32 +134,34 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     device = device if device is not None else torch.device("cpu")
     sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed)
     sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+    ids = _token_ids(cfg, tokens_per_rank, routing, N, seed, device)
 
-    layer = MoELayer(cfg, dispatcher, experts, group=group).to(device)
+    layer = MoELayer(cfg, dispatcher, experts, group=group, overlap=overlap).to(device)
     layer.load_full_state_dict(sd)
     replicated = layer.dispatcher.replicated_tokens
 
     reference = MoELayer(cfg, "local", "loop").to(device)
     reference.load_full_state_dict(sd)
     x_ref = X.clone().requires_grad_()
-    y_ref = _reference_output(reference, x_ref, [len(X)] if replicated else tokens_per_rank)
+    y_ref = _reference_output(reference, x_ref, [len(X)] if replicated else tokens_per_rank, ids)
     (y_ref.float() * G.float()).sum().backward()
 
     lo = 0 if replicated else sum(tokens_per_rank[:rank])  # TP: every rank runs the whole batch
     hi = len(X) if replicated else lo + tokens_per_rank[rank]
     x = X[lo:hi].clone().requires_grad_()
-    y, _ = layer(x)
+    y, _ = layer(x, _slice(ids, lo, hi))
     (y.float() * G[lo:hi].float()).sum().backward()
 
-    router_grad = layer.router.weight.grad.clone()
-    if not replicated:
-        dist.all_reduce(router_grad, group=group)  # each rank's router copy saw only its own tokens
+    errors = {"output": relative_error(y, y_ref[lo:hi]), "grad_input": relative_error(x.grad, x_ref.grad[lo:hi])}
+    reference_params = dict(reference.named_parameters())
+    for name, p in layer.named_parameters():  # the router and the shared expert: every rank holds them whole
+        if name.startswith("experts."):
+            continue
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if not replicated:
+            dist.all_reduce(grad, group=group)  # each rank's copy saw only its own tokens
+        errors[f"grad_{name}"] = relative_error(grad, reference_params[name].grad)
     e = layer.experts.experts
-    errors = {
-        "output": relative_error(y, y_ref[lo:hi]),
-        "grad_input": relative_error(x.grad, x_ref.grad[lo:hi]),
-        "grad_router.weight": relative_error(router_grad, reference.router.weight.grad),
-    }
     for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
         ref = layer.experts.shard(name, getattr(reference.experts, name).grad[e.start:e.stop])
         errors[f"grad_experts.{name}"] = relative_error(p.grad, ref)
@@ -143,24 +186,27 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
     groups = build_ep_dp_groups(ep_size)
     sd, X, G = adversarial_inputs(cfg, [tokens_per_rank] * world, "random", ep_size, seed)
     sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
+    ids = _token_ids(cfg, [tokens_per_rank] * world, "random", ep_size, seed, device)
     total = len(X)
 
     reference = MoELayer(cfg, "local", "loop").to(device)
     reference.load_full_state_dict(sd)
-    y_ref = _reference_output(reference, X, [tokens_per_rank] * world)
+    y_ref = _reference_output(reference, X, [tokens_per_rank] * world, ids)
     ((y_ref.float() * G.float()).sum() / total).backward()
     torch.optim.SGD(reference.parameters(), lr=lr).step()
 
     layer = MoELayer(cfg, dispatcher, experts, group=groups.ep_group).to(device)
     layer.load_full_state_dict(sd)
     lo, hi = rank * tokens_per_rank, (rank + 1) * tokens_per_rank
-    y, _ = layer(X[lo:hi])
+    y, _ = layer(X[lo:hi], _slice(ids, lo, hi))
     ((y.float() * G[lo:hi].float()).sum() / total).backward()
     sync_gradients(layer, groups)
     torch.optim.SGD(layer.parameters(), lr=lr).step()
 
     e = layer.experts.experts
-    errors = {"router.weight": relative_error(layer.router.weight.detach(), reference.router.weight.detach())}
+    reference_params = dict(reference.named_parameters())
+    errors = {name: relative_error(p.detach(), reference_params[name].detach())
+              for name, p in layer.named_parameters() if not name.startswith("experts.")}
     for name, p in layer.experts.named_parameters():
         ref = getattr(reference.experts, name).detach()[e.start:e.stop]
         errors[f"experts.{name}"] = relative_error(p.detach(), ref)

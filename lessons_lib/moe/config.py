@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
-ROUTERS = ("softmax_topk", "sigmoid_bias")
+ROUTERS = ("softmax_topk", "sigmoid_bias", "hash")
 DROP_POLICIES = ("probs", "position")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +40,9 @@ class MoEConfig:
     ffn_dim: F, the inner width of one expert.
     activation: "gelu" (y = gelu(x·w1)·w2) or "swiglu" (y = (silu(x·w1) ⊙ x·w3)·w2).
     router: which router scores the tokens: "softmax_topk" (Mixtral/Qwen-MoE, lesson 01) or
-        "sigmoid_bias" (DeepSeek-V3: sigmoid scores, a balancing bias used only to choose, lesson 06).
+        "sigmoid_bias" (DeepSeek-V3: sigmoid scores, a balancing bias used only to choose, lesson 06) or
+        "hash" (hash layers, DeepSeek-V4's first layers: k experts from a fixed hash of the token id, weight 1/k
+        each, no router weight and no aux loss; the layer then needs `token_ids`, lesson 08).
     norm_topk_prob: renormalize the k chosen probabilities to sum to 1 (Mixtral: True;
         Qwen-MoE leaves them unnormalized when its `norm_topk_prob` is False).
     routed_scaling_factor: "sigmoid_bias" only: the chosen weights are multiplied by it
@@ -56,6 +58,9 @@ class MoEConfig:
     pad_to_capacity: pad every expert's rows to exactly C, so every shape is fixed (and, when every
         rank has the same T, every all-to-all split size), at the cost of computing and sending the
         padding. The course's alltoall dispatcher still exchanges counts and syncs once per step.
+    shared_ffn_dim: lesson 08. S, the inner width of a shared expert: a dense FFN (the layer's activation) that
+        every token passes, added to the routed output, never dispatched (DeepSeek-V3: S = n_shared · F). None: none.
+    shared_gate: multiply the shared expert's output by sigmoid(x·g), g [1, H] (Qwen2-MoE).
     dtype: parameter dtype, "float32", "bfloat16" or "float16" (the router always scores in fp32).
     seed: the seed the weights are drawn from; the same seed gives the same layer
         on any number of ranks (see `lessons_lib.moe.init`).
@@ -76,6 +81,8 @@ class MoEConfig:
     capacity_factor: float | None = None
     drop_policy: str = "probs"
     pad_to_capacity: bool = False
+    shared_ffn_dim: int | None = None
+    shared_gate: bool = False
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden_dim", "ffn_dim"):
@@ -96,6 +103,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.seed must be a non-negative integer, got {self.seed!r}")
         self._check_routing_options()
         self._check_capacity()
+        self._check_shared()
 
     def _check_routing_options(self):
         if not _positive_number(self.routed_scaling_factor):
@@ -115,9 +123,17 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.topk_groups={self.topk_groups} leaves {allowed} experts to choose "
                                  f"from, fewer than top_k={self.top_k}")
         grouped = self.num_groups > 1 or self.topk_groups is not None
-        if self.router == "softmax_topk" and (grouped or self.routed_scaling_factor != 1.0):
-            raise ValueError("MoEConfig.num_groups, topk_groups and routed_scaling_factor belong to "
-                             "router='sigmoid_bias'; the softmax_topk router has none of them")
+        if self.router != "sigmoid_bias" and (grouped or self.routed_scaling_factor != 1.0):
+            raise ValueError(f"MoEConfig.num_groups, topk_groups and routed_scaling_factor belong to "
+                             f"router='sigmoid_bias'; the {self.router} router has none of them")
+
+    def _check_shared(self):
+        if self.shared_ffn_dim is not None:
+            _positive_int("shared_ffn_dim", self.shared_ffn_dim)
+        if not isinstance(self.shared_gate, bool):
+            raise ValueError(f"MoEConfig.shared_gate must be True or False, got {self.shared_gate!r}")
+        if self.shared_gate and self.shared_ffn_dim is None:
+            raise ValueError("MoEConfig.shared_gate gates the shared expert: set shared_ffn_dim as well")
 
     def _check_capacity(self):
         if self.capacity_factor is not None and not _positive_number(self.capacity_factor):

@@ -37,7 +37,7 @@ class GraphedTrainStep:
 
     def __init__(self, layer, x: torch.Tensor, target: torch.Tensor, lr: float = 1e-3, aux_weight: float = 0.01,
                  warmup: int = 3):
-        device = layer.router.weight.device
+        device = layer.device
         if device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the layer on a CUDA device; it is on {device}")
         if not isinstance(layer.dispatcher, AllToAllDispatcher) or not layer.cfg.pad_to_capacity:

@@ -49,6 +49,70 @@ class AllToAll(torch.autograd.Function):
         return AllToAll.apply(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
+class InFlight:
+    """The work handle an exchange leaves between `StartAllToAll` and `FinishAllToAll` (lesson 08), with the
+    tensors it reads and writes, which must stay alive until it is waited for."""
+
+    def __init__(self, async_op: bool):
+        self.async_op = async_op
+        self.work, self.tensors = None, ()
+
+    def start(self, out, x, out_splits, in_splits, group) -> None:
+        self.tensors = (out, x)
+        self.work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=self.async_op)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.work, self.tensors = None, ()
+
+
+class StartAllToAll(torch.autograd.Function):
+    """The first half of `AllToAll`, for work in its shadow (lesson 08): forward starts the exchange and returns
+    its output buffer, filled once `FinishAllToAll` has waited; backward waits for the gradient's exchange that
+    `FinishAllToAll.backward` started. Whatever autograd records between the two halves runs while the rows
+    travel, in forward and (mirrored, as autograd runs later nodes first) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, flight: InFlight):
+        ctx.flight = flight
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        flight.start(out, x.contiguous(), out_splits, in_splits, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad is what FinishAllToAll.backward passed on, already on its way back
+        grad_x = ctx.flight.tensors[0]
+        ctx.flight.wait()
+        return grad_x, None, None, None, None
+
+
+class FinishAllToAll(torch.autograd.Function):
+    """The second half: forward waits for the exchange; backward starts the gradient's way back."""
+
+    @staticmethod
+    def forward(ctx, out, out_splits: list[int], in_splits: list[int], group, flight: InFlight):
+        ctx.splits, ctx.group, ctx.flight = (out_splits, in_splits), group, flight
+        flight.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_x = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        ctx.flight.start(grad_x, grad.contiguous(), in_splits, out_splits, ctx.group)
+        return grad, None, None, None, None  # StartAllToAll.backward returns grad_x once it has arrived
+
+
+def all_to_all_beside(x, out_splits: list[int], in_splits: list[int], group, beside) -> torch.Tensor:
+    """`AllToAll.apply(x, out_splits, in_splits, group)`, running `beside()` while the rows travel (lesson 08).
+    beside.overlap False: the same steps, with an exchange that blocks, so nothing overlaps."""
+    flight = InFlight(async_op=beside.overlap)
+    out = StartAllToAll.apply(x, out_splits, in_splits, group, flight)
+    beside()
+    return FinishAllToAll.apply(out, out_splits, in_splits, group, flight)
+
+
 @dataclass
 class AllToAllState(DispatchState):  # its `sizes` are always known: read back with the split sizes
     index: RowIndex  # what each sent row is (grouped by expert, hence by destination)
@@ -82,7 +146,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         self.traffic.add("counts", nbytes, nbytes, 0)
         return recv  # [N, L + 2]: row s = what rank s will send me
 
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing):
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
         N, L = self.world_size, self.num_local_experts
         index = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
         if capturing():
@@ -100,7 +164,10 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             self._stop_if_any_rank_failed(codes)
             useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
 
-        received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group)
+        if beside is None:
+            received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group)
+        else:  # lesson 08: the shared expert runs while the rows travel
+            received_MH = all_to_all_beside(x_TH[index.token], out_splits, in_splits, self.group, beside)
         # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),
                                                  recv_counts_NL.flatten(), output_size=sum(out_splits))

@@ -30,7 +30,7 @@ from .router import Routing
 from .traffic import Traffic
 
 # Why a rank's input was refused; the code travels with the first collective so all ranks stop.
-INPUT_PROBLEMS = {1: "shape", 2: "dtype", 3: "device"}
+INPUT_PROBLEMS = {1: "shape", 2: "dtype", 3: "device", 4: "token_ids"}
 
 
 @dataclass(kw_only=True)
@@ -52,8 +52,11 @@ class Dispatcher(Protocol):
     replicated_tokens: bool  # every rank of the group runs the same tokens (TP); False: each rank its own (EP)
     traffic: Traffic  # what the last forward moved between ranks
 
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """-> (rows_MH grouped by local expert, counts_L rows per local expert, state for combine)."""
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing,
+                 beside=None) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """-> (rows_MH grouped by local expert, counts_L rows per local expert, state for combine).
+        beside: work that needs no communication (lesson 08's shared expert, `overlap.SharedBeside`), called once:
+        while the rows travel where the dispatcher can (the all-to-all), else first."""
 
     def combine(self, expert_out_MH: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """-> y_TH: each token's k results, weighted by the routing and summed."""

@@ -54,11 +54,35 @@ def init_expert_weights(cfg: MoEConfig, experts: range) -> dict[str, torch.Tenso
     return out
 
 
+def shared_weight_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
+    """Shapes of the shared expert's weights (lesson 08), by name: none without cfg.shared_ffn_dim."""
+    if cfg.shared_ffn_dim is None:
+        return {}
+    H, S = cfg.hidden_dim, cfg.shared_ffn_dim
+    shapes = {"w1": (H, S), "w2": (S, H)}
+    if cfg.activation == "swiglu":
+        shapes["w3"] = (H, S)
+    if cfg.shared_gate:
+        shapes["gate"] = (1, H)
+    return shapes
+
+
+def init_shared_weights(cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The shared expert's weights (lesson 08), fan-in scaled like an expert's; every EP rank draws the same."""
+    return {name: (torch.randn(*shape, generator=_generator(cfg.seed, f"shared.{name}"))
+                   / math.sqrt(shape[0] if name != "gate" else shape[1])).to(cfg.torch_dtype)
+            for name, shape in shared_weight_shapes(cfg).items()}
+
+
 def init_full_state_dict(cfg: MoEConfig) -> dict[str, torch.Tensor]:
     """The unsharded weights of one layer, under the names every layer variant loads:
-    `router.weight` [E, H], `experts.w1` [E, H, F], `experts.w2` [E, F, H], `experts.w3` [E, H, F].
+    `router.weight` [E, H] (none for the hash router), `experts.w1` [E, H, F], `experts.w2` [E, F, H],
+    `experts.w3` [E, H, F], and with a shared expert (lesson 08) `shared.w1` [H, S], `shared.w2` [S, H],
+    `shared.w3` [H, S] and `shared.gate` [1, H].
     """
-    sd = {"router.weight": init_router_weight(cfg)}
+    sd = {} if cfg.router == "hash" else {"router.weight": init_router_weight(cfg)}
+    for name, w in init_shared_weights(cfg).items():
+        sd[f"shared.{name}"] = w
     for name, w in init_expert_weights(cfg, range(cfg.num_experts)).items():
         sd[f"experts.{name}"] = w
     return sd

@@ -5,6 +5,8 @@
 Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher (what every dispatcher
 provides: `dispatcher.Dispatcher`), lesson 04 the expert bank, lesson 06 the router (`cfg.router`).
 Lesson 05's capacity is a config option that every dispatcher honours (`dispatch_local.rows_by_expert`).
+Lesson 08 adds the shared expert (`shared_expert`), run while the dispatch's rows travel (`overlap`), and the
+hash router, which routes by token id: `layer(x, token_ids=ids)`.
 `MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
@@ -22,14 +24,18 @@ from .dispatch_local import LocalDispatcher
 from .dispatcher import Dispatcher, DispatchState
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
+from .hash_router import HashRouter
 from .init import expert_weight_shapes
 from .load_balancing import SigmoidBiasRouter, router_z_loss
+from .overlap import SharedBeside
 from .router import Routing, TopKRouter, load_balancing_loss
+from .shared_expert import SharedExpert
 from .tensor_parallel import TensorParallelDispatcher
 
 ROUTERS: dict[str, type[nn.Module]] = {  # chosen by cfg.router
     "softmax_topk": TopKRouter,  # lesson 01: Mixtral / Qwen-MoE
     "sigmoid_bias": SigmoidBiasRouter,  # lesson 06: DeepSeek-V3
+    "hash": HashRouter,  # lesson 08: hash layers (DeepSeek-V4's first layers)
 }
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
@@ -86,33 +92,44 @@ class MoELayer(nn.Module):
     group: the process group of a parallel dispatcher, EP or TP (None: all ranks);
         "local" takes none.
 
+    overlap: lesson 08, with a shared expert (cfg.shared_ffn_dim): run it while the dispatch's rows travel
+        (`overlap.SharedBeside`); False runs the same steps without overlap, to compare.
+
     The forward is four steps, each a method (the benchmark times them one by one):
-    route -> dispatch -> run_experts -> combine.
+    route -> dispatch -> run_experts -> combine, and with a shared expert (lesson 08) y += shared(x).
+    token_ids [T]: the tokens' ids, which the hash router (lesson 08) routes by; the other routers ignore them.
     """
 
-    def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None):
+    def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None,
+                 overlap: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.overlap = overlap
         self.dispatcher: Dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
         self.router = ROUTERS[cfg.router](cfg)
         # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
         # part of each expert's inner dimension); the bank holds just those weights.
         self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts, self.dispatcher.ffn_slice)
+        self.shared = SharedExpert(cfg) if cfg.shared_ffn_dim is not None else None
 
-    def forward(self, x_TH: torch.Tensor):
-        self.check_input(x_TH)
-        routing = self.route(x_TH)
-        rows_MH, counts_L, state = self.dispatch(x_TH, routing)
+    def forward(self, x_TH: torch.Tensor, token_ids: torch.Tensor | None = None):
+        self.check_input(x_TH, token_ids)
+        routing = self.route(x_TH, token_ids)
+        beside = SharedBeside(self.shared, x_TH, self.overlap) if self.shared is not None else None
+        rows_MH, counts_L, state = self.dispatch(x_TH, routing, beside)
         y_TH = self.combine(self.run_experts(rows_MH, counts_L, state), state)
+        if beside is not None:
+            y_TH = y_TH + beside.result()
         return y_TH, self.aux(routing)
 
-    def route(self, x_TH: torch.Tensor) -> Routing:
+    def route(self, x_TH: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         """Step 1: which k experts each token goes to, and with what weight."""
-        return self.router(x_TH)
+        return self.router(x_TH, token_ids)
 
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing):
-        """Step 2: the rows of this rank's experts, grouped by local expert -> (rows_MH, counts_L, state)."""
-        return self.dispatcher.dispatch(x_TH, routing)
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside: SharedBeside | None = None):
+        """Step 2: the rows of this rank's experts, grouped by local expert -> (rows_MH, counts_L, state);
+        `beside` (lesson 08's shared expert) runs while they travel."""
+        return self.dispatcher.dispatch(x_TH, routing, beside)
 
     def run_experts(self, rows_MH: torch.Tensor, counts_L: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Step 3: the expert bank on the dispatched rows. Where the dispatcher has the row counts on the host
@@ -131,21 +148,31 @@ class MoELayer(nn.Module):
         return MoEAux(load_balancing_loss(routing, E), router_z_loss(routing), demand_E, routing,
                       capacity=C, dropped=dropped_pairs(demand_E, C))
 
-    def check_input(self, x) -> None:
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The parameters every rank of an expert-parallel group holds whole: the router's and the shared expert's
+        (lesson 08). Each copy's gradient comes from its own rank's tokens, so it is summed over the group."""
+        shared = list(self.shared.parameters()) if self.shared is not None else []
+        return list(self.router.parameters()) + shared
+
+    @property
+    def device(self) -> torch.device:
+        return self.experts.w1.device  # every bank has w1; the hash router has no weight
+
+    def check_input(self, x, token_ids=None) -> None:
         """A clear ValueError for an input this layer cannot take, raised on every rank of a parallel layer
         before any collective: the bad rank tells the others through the dispatcher's first collective."""
-        problem = self._input_problem(x)
+        problem = self._input_problem(x, token_ids)
         if problem is None:
             return
         code, message = problem
         if self.dispatcher.collective:  # the other ranks are about to wait for us in a collective
-            self.dispatcher.abort(code, message, self.router.weight.device)
+            self.dispatcher.abort(code, message, self.device)
         raise ValueError(message)
 
-    def _input_problem(self, x) -> tuple[int, str] | None:
-        """(code, message) if x cannot be this layer's input; the codes are those of
+    def _input_problem(self, x, token_ids=None) -> tuple[int, str] | None:
+        """(code, message) if x (or token_ids) cannot be this layer's input; the codes are those of
         `dispatcher.INPUT_PROBLEMS`, which parallel dispatchers send to the other ranks."""
-        H, dtype, device = self.cfg.hidden_dim, self.cfg.torch_dtype, self.router.weight.device
+        H, dtype, device = self.cfg.hidden_dim, self.cfg.torch_dtype, self.device
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             return 1, f"MoELayer input must have shape [tokens, hidden_dim={H}], got {shape}"
@@ -153,13 +180,26 @@ class MoELayer(nn.Module):
             return 2, f"MoELayer input dtype must be {dtype} (cfg.dtype), got {x.dtype}"
         if x.device != device:
             return 3, f"MoELayer input is on {x.device} but the layer is on {device}"
+        if token_ids is None:
+            if self.cfg.router == "hash":
+                return 4, "router='hash' routes by token id: call the layer as layer(x, token_ids=ids)"
+            return None
+        if (not isinstance(token_ids, torch.Tensor) or token_ids.shape != (x.shape[0],)
+                or token_ids.dtype not in (torch.int32, torch.int64) or token_ids.device != device):
+            got = (f"{list(token_ids.shape)} {token_ids.dtype} on {token_ids.device}"
+                   if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
+            return 4, f"MoELayer token_ids must be an integer tensor [tokens={x.shape[0]}] on {device}, got {got}"
+        if token_ids.numel() and int(token_ids.min()) < 0:
+            return 4, "MoELayer token_ids must be >= 0"
         return None
 
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load the unsharded weights (`lessons_lib.moe.init.init_full_state_dict` names and shapes),
         keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
-        expected = {"router.weight": self.router.weight}
+        expected = {f"router.{name}": p for name, p in self.router.named_parameters()}  # the hash router has none
+        if self.shared is not None:  # lesson 08: every rank holds the whole shared expert
+            expected |= {f"shared.{name}": p for name, p in self.shared.named_parameters()}
         for name, p in self.experts.named_parameters():
             expected[f"experts.{name}"] = p
         missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)

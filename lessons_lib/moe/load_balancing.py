@@ -62,7 +62,7 @@ class SigmoidBiasRouter(nn.Module):
         groups = f", groups {c.topk_groups} of {c.num_groups}" if c.topk_groups else ""
         return f"E={c.num_experts}, top_k={c.top_k}, sigmoid + bias{groups}, scale={c.routed_scaling_factor}"
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         c = self.cfg
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid()
@@ -81,6 +81,8 @@ class SigmoidBiasRouter(nn.Module):
 def router_z_loss(routing: Routing) -> torch.Tensor:
     """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)². Penalizes large logits,
     which make the softmax (and bf16 rounding of it) brittle; it does not balance anything."""
+    if routing.logits is None:  # no scores (lesson 08's hash router): nothing to keep small
+        return routing.weights.new_zeros(())
     if routing.logits.shape[0] == 0:
         return routing.logits.sum() * 0.0
     return torch.logsumexp(routing.logits, dim=-1).square().mean()

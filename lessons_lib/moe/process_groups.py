@@ -7,7 +7,7 @@ group of W/e ranks. For W = 4, e = 2:
 
     EP groups:             {0, 1}  {2, 3}     all_to_all dispatch and combine run here
     expert-DP groups:      {0, 2}  {1, 3}     expert-weight gradients are all-reduced here
-    all ranks:             {0, 1, 2, 3}       router (replicated) gradients are all-reduced here
+    all ranks:             {0, 1, 2, 3}       router and shared-expert (replicated) gradients are all-reduced here
 """
 from __future__ import annotations
 
@@ -45,6 +45,6 @@ def build_ep_dp_groups(ep_size: int) -> EPDPGroups:
 
 def sync_gradients(layer, groups: EPDPGroups) -> None:
     """Sum the gradients the way EP × DP needs: expert weights over the expert-DP group (the copies of
-    the same experts), the replicated router over all ranks."""
+    the same experts), the replicated router and shared expert (lesson 08) over all ranks."""
     all_reduce_grads(layer.experts.parameters(), group=groups.edp_group)
-    all_reduce_grads([layer.router.weight])
+    all_reduce_grads(layer.replicated_parameters())
