@@ -97,3 +97,14 @@ def test_hash_router_picks_k_distinct_fixed_experts_with_equal_weights():
 def test_hash_routing_is_balanced_over_uniform_ids():
     load = torch.bincount(expert_hash(torch.arange(64_000), 64, 0).topk(8).indices.flatten(), minlength=64).float()
     assert load.max() / load.mean() < 1.05 and load.min() / load.mean() > 0.95
+
+
+def test_hash_routing_is_unbalanced_on_a_zipf_stream_where_the_bias_router_adapts():
+    from lessons_lib.lab.hash_balance import expert_load_balance
+
+    cfg = MoEConfig(num_experts=32, top_k=4, hidden_dim=32, ffn_dim=32, router="sigmoid_bias")
+    uniform = expert_load_balance(cfg, vocab=8000, zipf_s=None, tokens=4096, steps=20, bias_rate=1e-2)
+    zipf = expert_load_balance(cfg, vocab=8000, zipf_s=1.2, tokens=4096, steps=20, bias_rate=1e-2)
+    assert uniform["hash"] < 1.15, uniform  # balanced by construction, up to sampling noise
+    assert zipf["hash"] > 2.0, zipf  # the frequent ids' experts are hot
+    assert zipf["sigmoid_bias"] < zipf["hash"], zipf
