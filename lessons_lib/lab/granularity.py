@@ -42,7 +42,7 @@ def time_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
 def _bank_on_device(cfg: MoEConfig, device) -> GroupedExperts:
     """A bank of cfg's experts with random weights drawn on the GPU: the course's per-expert CPU draw of 11·10⁹
     weights would take minutes, and the rate does not depend on the values."""
-    bank = GroupedExperts(MoEConfig(**{**cfg.__dict__, "num_experts": cfg.num_experts}), range(0))
+    bank = GroupedExperts(cfg, range(0))  # no experts drawn, then E of them put in place
     bank.experts = range(cfg.num_experts)
     E, H, F = cfg.num_experts, cfg.hidden_dim, cfg.ffn_dim
     for name, shape in (("w1", (E, H, F)), ("w2", (E, F, H)), ("w3", (E, H, F))):
