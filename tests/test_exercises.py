@@ -14,11 +14,11 @@ from lessons_lib.course.exercises import EXERCISES
 SINGLE_PROCESS = [k for k in EXERCISES if k != "03.3"]  # 03.3 needs ranks: below
 
 
-def test_every_lesson_from_01_to_07_has_two_or_three_exercises():
+def test_every_lesson_from_01_to_08_has_two_or_three_exercises():
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07"]
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08"]
     assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
 
 
@@ -59,10 +59,23 @@ KNOWN = {
     "06.3": ((T([[0], [0], [0], [1]]), T([[0.75, 0.25]] * 4)), T(2 * (0.75 ** 2 + 0.25 ** 2))),
     "07.1": ((4, 1024, 2, 8, 2), 2 * 4 * 2 * 1024 * 2 * 7 / 8),
     "07.2": ((32, 1024, 8, 2), 2 * 7 / 8 * 32 * 1024 * 2),
+    # routed + gelu(1)·[2, 0], gelu(1) = Φ(1) = 0.8413447
+    "08.1": ((T([[1.0, 0]]), T([[0.5, 0.5]]), T([[1.0], [0]]), T([[2.0, 0]]), None), T([[0.5 + 2 * 0.8413447, 0.5]])),
+    "08.2": ((T([[0, 3], [1, 1], [2, 3]]), 4, 2), T([2, 1, 1])),
 }
 
 
-@pytest.mark.parametrize("key", SINGLE_PROCESS)
+def test_the_hash_load_exercise_by_its_properties():
+    """08.3's reference (no value to work by hand: it is a hash): one id fills exactly k experts, every token
+    counts k times, and a uniform stream of ids loads every expert within 10% of the mean."""
+    ref = EXERCISES["08.3"].reference
+    one = ref(torch.full((10,), 7), 8, 2, 0)
+    assert sorted(one.tolist()) == [0] * 6 + [10, 10]
+    spread = ref(torch.arange(16_000), 16, 4, 3)
+    assert spread.sum() == 64_000 and (spread - 4000).abs().max() < 400
+
+
+@pytest.mark.parametrize("key", [k for k in SINGLE_PROCESS if k != "08.3"])
 def test_the_library_solution_gives_the_hand_worked_value(key):
     args, expected = KNOWN[key]
     torch.testing.assert_close(EXERCISES[key].reference(*args), expected, check_dtype=False)

@@ -281,3 +281,65 @@ def tp_bytes(tokens: int, hidden: int, group_size: int, bytes_per_element: int) 
     from lessons_lib.lab.comm_model import tp_bytes_per_rank
 
     return float(tp_bytes_per_rank(tokens, hidden, group_size, bytes_per_element))
+
+
+# ---------------------------------------------------------------- lesson 08
+
+def _block_case(seed, T, H, S, gated):
+    g = _g(seed)
+    x, routed = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    w1, w2 = torch.randn(H, S, generator=g) / H ** 0.5, torch.randn(S, H, generator=g) / S ** 0.5
+    return x, routed, w1, w2, (torch.randn(1, H, generator=g) if gated else None)
+
+
+@_exercise("08.1", "the block's output: routed experts plus the shared expert",
+           "routed + gelu(x @ w1) @ w2; with a gate, multiply the shared part (not the routed one) by "
+           "torch.sigmoid(x @ gate.T), which is [T, 1].",
+           lambda: [("not gated (DeepSeek-V3)", _block_case(0, 6, 8, 12, False)),
+                    ("gated (Qwen2-MoE)", _block_case(1, 6, 8, 12, True)),
+                    ("one token", _block_case(2, 1, 4, 4, True)),
+                    ("no tokens", _block_case(3, 0, 4, 4, True))])
+def block_output(x: torch.Tensor, routed: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 gate: torch.Tensor | None) -> torch.Tensor:
+    from lessons_lib.moe.config import MoEConfig
+    from lessons_lib.moe.shared_expert import SharedExpert
+
+    H, S = w1.shape
+    shared = SharedExpert(MoEConfig(num_experts=1, top_k=1, hidden_dim=H, ffn_dim=1, shared_ffn_dim=S,
+                                    shared_gate=gate is not None))
+    with torch.no_grad():
+        shared.w1.copy_(w1)
+        shared.w2.copy_(w2)
+        if gate is not None:
+            shared.gate.copy_(gate)
+        return routed + shared(x)
+
+
+@_exercise("08.2", "distinct ranks per token",
+           "the rank of an expert is its id // (num_experts // world_size); mark the ranks each token hits in a "
+           "[T, N] boolean tensor (scatter_, or a loop over the k slots) and sum each row.",
+           lambda: [("random", (torch.randint(16, (8, 4), generator=_g(0)), 16, 4)),
+                    ("all on one rank", (torch.tensor([[4, 5], [5, 4]]), 8, 4)),
+                    ("every rank", (torch.tensor([[0, 2, 4, 6]]), 8, 4)),
+                    ("one rank in all", (torch.randint(6, (3, 3), generator=_g(1)), 6, 1)),
+                    ("top-1", (torch.randint(8, (5, 1), generator=_g(2)), 8, 2)),
+                    ("no tokens", (torch.zeros(0, 2, dtype=torch.long), 8, 2))])
+def ranks_per_token(expert_ids: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
+    from lessons_lib.lab.granularity import distinct_ranks
+
+    return distinct_ranks(expert_ids, num_experts, world_size)
+
+
+@_exercise("08.3", "the hash router's load on a stream of token ids",
+           "from lessons_lib.moe.hash_router import expert_hash: expert_hash(ids, E, seed).topk(k).indices are "
+           "each token's experts; torch.bincount(..., minlength=E) counts them.",
+           lambda: [("uniform ids", (torch.randint(1000, (64,), generator=_g(0)), 8, 2, 0)),
+                    ("one id repeated", (torch.full((10,), 7), 8, 2, 0)),
+                    ("another seed", (torch.arange(20), 6, 3, 5)),
+                    ("no tokens", (torch.zeros(0, dtype=torch.long), 4, 1, 0))])
+def hash_load(token_ids: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    from lessons_lib.moe.config import MoEConfig
+    from lessons_lib.moe.hash_router import HashRouter
+
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_dim=1, ffn_dim=1, router="hash", seed=seed)
+    return HashRouter(cfg)(torch.zeros(len(token_ids), 1), token_ids).tokens_per_expert(num_experts)

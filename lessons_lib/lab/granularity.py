@@ -1,28 +1,79 @@
-"""Fine-grained experts on one GPU (lesson 08): the grouped GEMM's rate as F shrinks, and the shared expert's
-side-stream path against the same layer without overlap.
+"""Fine-grained experts (lesson 08): what DeepSeekMoE's segmentation costs and buys.
 
-DeepSeekMoE's segmentation keeps parameters and FLOPs: E -> m·E experts, F -> F/m, k -> m·k. Here E·F is fixed
-at DeepSeek-V3's 256 × 2048 (H 7168, SwiGLU, bf16) and F goes from 8192 down to 256, with T tokens: every expert
-gets T·k/E rows, the same at every F. The bank is the course's `GroupedExperts` (torch._grouped_mm), forward
-and backward, timed with CUDA events (median of repeats).
+Segmenting by m keeps parameters and FLOPs: E -> m·E experts, F -> F/m, k -> m·k (`segment`). It changes
+- the traffic: the course's dispatchers send one row per (token, expert) pair, k rows of H elements a token, so
+  m times more bytes; a dispatcher that sends a token once per destination rank (DeepEP's) sends one row per
+  distinct rank, and that number stops growing at the world size (`distinct_ranks`, `expected_distinct_ranks`,
+  `traffic_per_token`, on the CPU);
+- the grouped GEMM's rate: the same rows and FLOPs in m times more, m times narrower GEMMs (`sweep`, on one GPU:
+  E·F fixed at DeepSeek-V3's 256 × 2048, H 7168, SwiGLU, bf16, F from 8192 down to 256, every expert getting
+  T·k/E rows; the course's `GroupedExperts` forward and backward, CUDA events, median of repeats).
+`side_stream_check` runs the shared expert's side-stream path against the same layer without overlap on a GPU.
 
-    python -m lessons_lib.lab.granularity --out images/granularity_1xh200.json
+    python -m lessons_lib.lab.granularity --out images/granularity_1xh200.json   (GPU; --plot redraws the figure)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
 
 import torch
 
 from ..moe.config import MoEConfig
 from ..moe.experts_batched import GroupedExperts, flops_per_row
+from ..moe.hash_router import HashRouter
 from ..moe.init import init_full_state_dict
 from ..moe.layer import MoELayer
 from .records import record_header
 
 EXPERT_WIDTH = 256 * 2048  # E·F of DeepSeek-V3
+
+
+def segment(cfg: MoEConfig, m: int) -> MoEConfig:
+    """DeepSeekMoE's fine-grained segmentation of cfg by m: m·E experts of width F/m, top m·k."""
+    if m < 1 or cfg.ffn_dim % m:
+        raise ValueError(f"m must be a positive divisor of ffn_dim={cfg.ffn_dim}, got {m}")
+    return dataclasses.replace(cfg, num_experts=cfg.num_experts * m, ffn_dim=cfg.ffn_dim // m, top_k=cfg.top_k * m)
+
+
+def distinct_ranks(expert_ids_Tk: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
+    """[T] how many different ranks each token's k experts live on (rank r owns experts r·E/N … (r+1)·E/N − 1)."""
+    if num_experts % world_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by world_size ({world_size})")
+    rank_Tk = expert_ids_Tk // (num_experts // world_size)
+    hit_TN = torch.zeros(expert_ids_Tk.shape[0], world_size, dtype=torch.bool, device=expert_ids_Tk.device)
+    hit_TN.scatter_(1, rank_Tk, True)
+    return hit_TN.sum(1)
+
+
+def expected_distinct_ranks(num_experts: int, top_k: int, world_size: int) -> float:
+    """The mean of `distinct_ranks` when each token's k distinct experts are drawn uniformly at random: a rank is
+    missed when all k fall among the other ranks' E − E/N experts, so N·(1 − C(E − E/N, k) / C(E, k))."""
+    others = num_experts - num_experts // world_size
+    return world_size * (1 - math.comb(others, top_k) / math.comb(num_experts, top_k))
+
+
+def traffic_per_token(cfg: MoEConfig, world_size: int, ms=(1, 2, 4, 8), tokens: int = 4096,
+                      bytes_per_element: int = 2) -> list[dict]:
+    """For each segmentation m of cfg: rows and bytes a token's dispatch sends, one row per expert (the course's
+    dispatchers) and one per distinct rank (a dispatcher that deduplicates, as DeepEP's does), measured on
+    `tokens` tokens routed by the hash router (uniform, distinct experts), with the uniform formula beside."""
+    ids = torch.arange(tokens)
+    rows = []
+    for m in ms:
+        c = segment(cfg, m)
+        routing = HashRouter(c)(torch.zeros(tokens, 1), ids)
+        ranks = distinct_ranks(routing.expert_ids, c.num_experts, world_size).float().mean().item()
+        row_bytes = c.hidden_dim * bytes_per_element
+        rows.append({"m": m, "num_experts": c.num_experts, "ffn_dim": c.ffn_dim, "top_k": c.top_k,
+                     "params": c.num_experts * c.ffn_dim, "flops_per_token": c.top_k * c.ffn_dim,
+                     "bytes_per_expert_row": c.top_k * row_bytes, "distinct_ranks": ranks,
+                     "expected_distinct_ranks": expected_distinct_ranks(c.num_experts, c.top_k, world_size),
+                     "bytes_per_rank_row": ranks * row_bytes})
+    return rows
 
 
 def time_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
@@ -109,10 +160,42 @@ def side_stream_check(tokens: int = 4096):
     return out
 
 
+def plot_record(record: dict):
+    """The sweep of a granularity record: forward and forward+backward TFLOP/s against F, with the widths the
+    kernel refused marked. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in record["sweep"] if "error" not in r]
+    failed = [r for r in record["sweep"] if "error" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    F = [r["ffn_dim"] for r in ok]
+    ax.plot(F, [r["forward_tflops"] for r in ok], marker="o", label="forward")
+    ax.plot(F, [r["fwd_bwd_tflops"] for r in ok], marker="s", label="forward + backward")
+    for r in failed:
+        ax.axvline(r["ffn_dim"], color="tab:red", ls=":", lw=1)
+        ax.text(r["ffn_dim"], 10, f" E={r['num_experts']}:\n refused", color="tab:red", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.invert_xaxis()
+    ax.set_xticks([r["ffn_dim"] for r in record["sweep"]],
+                  [f"F={r['ffn_dim']}\nE={r['num_experts']}, k={r['top_k']}" for r in record["sweep"]], fontsize=7)
+    ax.set_ylim(0, None)
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"grouped GEMM, E·F = 256·2048, H 7168, bf16: {record['device']}, torch {record['torch']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="images/granularity_1xh200.json")
+    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
     a = p.parse_args(argv)
+    if a.plot:
+        with open(a.out) as f:
+            plot_record(json.load(f)).savefig(a.out.replace(".json", ".png"), dpi=110)
+        return
     device = torch.device("cuda")
     record = record_header("lessons_lib.lab.granularity", device, argv, torchrun=False)
     record["side_stream"] = side_stream_check()
