@@ -383,6 +383,11 @@ def main():
             result["bad ep_size"] = str(e)
     elif p["mode"] == "traffic":
         result = traffic_check(rank, world_size, device)
+    elif p["mode"] == "overlap_timeline":  # lesson 08's measurement, at a small shape
+        from lessons_lib.lab.overlap_timeline import overlap_step_times, timelines
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=64, ffn_dim=32, shared_ffn_dim=64)
+        result = {"times": overlap_step_times(cfg, 64, rounds=2, steps=2, warmup=1, device=device),
+                  "timeline": timelines(cfg, 64, device=device)}
     runtime.finish(result)
 
 

@@ -108,3 +108,94 @@ def test_hash_routing_is_unbalanced_on_a_zipf_stream_where_the_bias_router_adapt
     assert uniform["hash"] < 1.15, uniform  # balanced by construction, up to sampling noise
     assert zipf["hash"] > 2.0, zipf  # the frequent ids' experts are hot
     assert zipf["sigmoid_bias"] < zipf["hash"], zipf
+
+
+def test_the_overlap_timeline_shows_the_shared_expert_beside_the_exchange_only_with_overlap():
+    from lessons_lib.lab.overlap_timeline import PHASES, hidden_ms
+
+    out = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "overlap_timeline"}, stream=False,
+                     timeout=300).value
+    t = out["times"]
+    assert len(t["overlap_round_ms"]) == len(t["no_overlap_round_ms"]) == 2
+    assert all(t[k] > 0 for k in ("overlap_ms", "no_overlap_ms", "dispatch_all_to_all_ms", "shared_fwd_bwd_ms",
+                                  "pair_together_ms", "pair_in_turn_ms"))
+    assert t["hideable_ms"] == min(2 * t["dispatch_all_to_all_ms"], t["shared_fwd_bwd_ms"])
+    assert set(out["timeline"]) == {"overlap", "no overlap"}
+    for setting, ranks in out["timeline"].items():
+        assert len(ranks) == 2
+        for bars in ranks:
+            names = {b["name"] for b in bars if b["lane"] == "compute"}
+            assert set(PHASES) | {"optimizer", "shared expert (backward)", "experts (backward)"} <= names, names
+            assert {b["name"] for b in bars if b["lane"] == "communication"} == {"all-to-all"}
+            assert all(b["end_ms"] >= b["start_ms"] for b in bars)
+            # gloo's thread moves the rows while this thread runs the shared expert, and only with overlap
+            assert (hidden_ms(bars) > 0) == (setting == "overlap"), (setting, hidden_ms(bars))
+
+
+def test_labelling_the_phases_changes_no_value():
+    from lessons_lib.lab.overlap_timeline import label_phases
+
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=16, shared_ffn_dim=8, shared_gate=True)
+    sd = init_full_state_dict(cfg)
+    plain, labelled = MoELayer(cfg), label_phases(MoELayer(cfg))
+    for layer in (plain, labelled):
+        layer.load_full_state_dict(sd)
+    x = torch.randn(10, 8)
+    assert torch.equal(plain(x)[0], labelled(x)[0])
+    assert type(labelled) is MoELayer and "route" in vars(labelled) and "route" not in vars(plain)  # instance only
+
+
+def test_overlap_step_times_needs_a_shared_expert():
+    from lessons_lib.lab.overlap_timeline import overlap_step_times
+
+    with pytest.raises(ValueError, match="shared_ffn_dim"):
+        overlap_step_times(MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=16), 8)
+
+
+def test_distinct_ranks_by_hand_and_the_formula_by_enumeration():
+    import itertools
+    import math
+
+    from lessons_lib.lab.granularity import distinct_ranks, expected_distinct_ranks
+
+    ids = torch.tensor([[0, 1], [0, 5], [2, 3], [5, 4]])  # 6 experts on 3 ranks: {0,1} {2,3} {4,5}
+    assert distinct_ranks(ids, 6, 3).tolist() == [1, 2, 1, 1]
+    assert distinct_ranks(ids, 6, 1).tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="divisible"):
+        distinct_ranks(ids, 6, 4)
+    for E, k, N in ((6, 2, 3), (8, 3, 4), (8, 8, 2), (12, 1, 3)):
+        combos = torch.tensor(list(itertools.combinations(range(E), k)))
+        brute = distinct_ranks(combos, E, N).double().mean().item()
+        assert math.isclose(expected_distinct_ranks(E, k, N), brute, rel_tol=1e-12), (E, k, N)
+
+
+def test_segmentation_keeps_parameters_and_flops_and_the_hash_traffic_follows_the_formula():
+    from lessons_lib.lab.granularity import segment, traffic_per_token
+
+    coarse = MoEConfig(num_experts=32, top_k=1, hidden_dim=7168, ffn_dim=16384)
+    v3 = segment(coarse, 8)
+    assert (v3.num_experts, v3.ffn_dim, v3.top_k) == (256, 2048, 8)
+    with pytest.raises(ValueError, match="divisor"):
+        segment(coarse, 3)
+    rows = traffic_per_token(coarse, 8, ms=(1, 2, 4, 8))
+    assert {r["params"] for r in rows} == {32 * 16384} and {r["flops_per_token"] for r in rows} == {16384}
+    assert [r["bytes_per_expert_row"] for r in rows] == [m * 7168 * 2 for m in (1, 2, 4, 8)]
+    assert rows[0]["distinct_ranks"] == 1.0
+    for r in rows:
+        assert abs(r["distinct_ranks"] - r["expected_distinct_ranks"]) < 0.03 * r["expected_distinct_ranks"], r
+        assert r["bytes_per_rank_row"] <= r["bytes_per_expert_row"]
+
+
+def test_the_committed_granularity_record_plots():
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lessons_lib.lab.figures import IMAGES
+    from lessons_lib.lab.granularity import plot_record
+
+    record = json.loads((IMAGES / "granularity_1xh200.json").read_text())
+    fig = plot_record(record)
+    ok = [r for r in record["sweep"] if "error" not in r]
+    assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()][:2] == [len(ok), len(ok)]

@@ -173,7 +173,7 @@ def plot_record(record: dict):
     ax.plot(F, [r["fwd_bwd_tflops"] for r in ok], marker="s", label="forward + backward")
     for r in failed:
         ax.axvline(r["ffn_dim"], color="tab:red", ls=":", lw=1)
-        ax.text(r["ffn_dim"], 10, f" E={r['num_experts']}:\n refused", color="tab:red", fontsize=8)
+        ax.text(r["ffn_dim"], 10, f"E={r['num_experts']}:\nrefused ", color="tab:red", fontsize=8, ha="right")
     ax.set_xscale("log", base=2)
     ax.invert_xaxis()
     ax.set_xticks([r["ffn_dim"] for r in record["sweep"]],
