@@ -124,10 +124,13 @@ def _dispatch_splits(layer: MoELayer, x: torch.Tensor) -> tuple[list, list]:
     return state.out_splits, state.in_splits
 
 
-def profile_step(layer: MoELayer, x: torch.Tensor, group=None) -> list[dict]:
+def profile_step(layer: MoELayer, x: torch.Tensor, group=None, events_out: list | None = None) -> list[dict]:
     """One training step (forward, backward, AdamW) of a `label_phases`-labelled layer under torch.profiler ->
-    this rank's bars: {"lane": "compute" | "communication", "name", "start_ms", "end_ms"}, on the profiler's
-    clock (the same clock in every process of one machine), ordered by start."""
+    this rank's bars {"lane", "name", "start_ms", "end_ms"}, ordered by start. Lanes: "compute" (this rank's
+    threads: the layer's phases, backward included, and the optimizer), "communication" (gloo's threads) and, on
+    a GPU, "stream N" (the kernels of CUDA stream N, named by the phase that launched them; NCCL's: "all-to-all").
+    Times are ms from the end of a barrier inside the profile: the ranks leave it together, so their bars share
+    one time axis. events_out: a list to receive the profiler's raw events."""
     opt = make_adamw(layer.parameters())
     x = x.detach().requires_grad_()  # as in a model: the rows' gradient travels back too
     target = torch.zeros_like(x)
@@ -142,87 +145,139 @@ def profile_step(layer: MoELayer, x: torch.Tensor, group=None) -> list[dict]:
     for _ in range(3):  # warm: the first steps allocate the optimizer's state and the gradients
         step()
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no profiler_start/stop lines on stderr
-    dist.barrier(group=group)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(x.device)
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("barrier"):
+            dist.barrier(group=group)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
         step()
-    return _bars(prof.events())
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    events = prof.events()
+    if events_out is not None:
+        events_out.extend(events)
+    return _bars(events)
+
+
+def _innermost(ranges, t0: float, t1: float):
+    """The innermost of `ranges` that contains [t0, t1], or None (the shared expert runs inside the dispatch)."""
+    around = [r for r in ranges if r.time_range.start <= t0 <= t1 <= r.time_range.end]
+    return max(around, key=lambda r: r.time_range.start) if around else None
 
 
 def _bars(events) -> list[dict]:
-    main = next(e.thread for e in events if e.name == "optimizer")
-    ranges = [e for e in events if e.thread == main and e.name in PHASES + ("optimizer",)]
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    main = next(e.thread for e in host if e.name == "optimizer")
+    zero = next(e.time_range.end for e in host if e.name == "barrier" and e.thread == main)
+    ranges = [e for e in host if e.thread == main and e.name in PHASES + ("optimizer",)]
     phase_of_seq = {}  # a forward op's sequence number -> its phase, for the backward ops autograd makes of it
-    for e in events:
+    for e in host:
         if e.thread == main and e.sequence_nr >= 0 and e.name not in PHASES:
-            around = [r for r in ranges if r.time_range.start <= e.time_range.start <= e.time_range.end
-                      <= r.time_range.end]
-            if around:  # the innermost: the shared expert runs inside the dispatch
-                phase_of_seq.setdefault(e.sequence_nr, max(around, key=lambda r: r.time_range.start).name)
-    bars = [(("compute", r.name), r.time_range) for r in ranges]
-    for e in events:
-        if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in phase_of_seq:
-            bars.append((("compute", phase_of_seq[e.sequence_nr] + " (backward)"), e.time_range))
-        elif e.name.startswith("gloo:") and e.thread != main:
-            bars.append((("communication", "all-to-all" if "all_to_all" in e.name else e.name[5:]), e.time_range))
-    bars = [{"lane": lane, "name": name, "start_ms": t.start / 1e3, "end_ms": t.end / 1e3}
-            for (lane, name), t in bars]
+            r = _innermost(ranges, e.time_range.start, e.time_range.end)
+            if r is not None:
+                phase_of_seq.setdefault(e.sequence_nr, r.name)
+    backward = [e for e in host if e.name.startswith("autograd::engine::evaluate_function:")
+                and e.sequence_nr in phase_of_seq]
+    bars = [("compute", r.name, r.time_range) for r in ranges]
+    bars += [("compute", phase_of_seq[e.sequence_nr] + " (backward)", e.time_range) for e in backward]
+    bars += [("communication", "all-to-all" if "all_to_all" in e.name else e.name[5:], e.time_range)
+             for e in host if e.name.startswith("gloo:") and e.thread != main]
+
+    # a kernel's linked_correlation_id is the correlation id of the runtime call that launched it
+    launches = {e.id: e for e in host if e.name.startswith(("cuda", "cu"))}
+    for k in events:
+        if k.device_type != DeviceType.CUDA:
+            continue
+        name = "all-to-all" if "nccl" in k.name.lower() else "other"
+        launch = launches.get(k.linked_correlation_id)
+        if name == "other" and launch is not None:
+            t = launch.time_range.start
+            r = _innermost(ranges, t, t) if launch.thread == main else None
+            b = _innermost([e for e in backward if e.thread == launch.thread], t, t)
+            if b is not None and (r is None or b.time_range.start > r.time_range.start):
+                name = phase_of_seq[b.sequence_nr] + " (backward)"
+            elif r is not None:
+                name = r.name
+        bars.append((f"stream {k.device_resource_id}", name, k.time_range))
+    bars = [{"lane": lane, "name": name, "start_ms": (t.start - zero) / 1e3, "end_ms": (t.end - zero) / 1e3}
+            for lane, name, t in bars if t.end > zero]  # the barrier's own collective ends before 0
     return sorted(bars, key=lambda b: b["start_ms"])
 
 
 def timelines(cfg: MoEConfig, tokens: int, dispatcher: str = "alltoall", experts: str = "grouped", group=None,
-              device=None) -> dict[str, list[list[dict]]]:
+              device=None, events_out: dict | None = None) -> dict[str, list[list[dict]]]:
     """{"overlap" | "no overlap": [bars of rank 0, bars of rank 1, ...]}: one profiled step each, every rank's
-    bars gathered (every rank of `group` calls it together)."""
+    bars gathered (every rank of `group` calls it together). events_out: a dict to receive this rank's raw
+    profiler events of each setting."""
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
     x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(100 + rank)).to(device)
     out = {}
     for overlap, layer in _layers(cfg, dispatcher, experts, group, device).items():
-        bars = profile_step(label_phases(layer), x.to(cfg.torch_dtype), group)
+        setting = "overlap" if overlap else "no overlap"
+        raw = events_out.setdefault(setting, []) if events_out is not None else None
+        bars = profile_step(label_phases(layer), x.to(cfg.torch_dtype), group, events_out=raw)
         everyone = [None] * N
         dist.all_gather_object(everyone, bars, group=group)
-        out["overlap" if overlap else "no overlap"] = everyone
+        out[setting] = everyone
     return out
 
 
+def _work(bars: list[dict], phase: str) -> list[tuple]:
+    """When `phase` ran: its kernels where the bars have GPU streams, else its ranges on the compute lane."""
+    on_gpu = any(b["lane"].startswith("stream") for b in bars)
+    return [(b["start_ms"], b["end_ms"]) for b in bars if b["name"].startswith(phase)
+            and (b["lane"].startswith("stream") if on_gpu else b["lane"] == "compute")]
+
+
 def hidden_ms(bars: list[dict], phase: str = "shared expert") -> float:
-    """How long this rank's communication lane ran while its compute lane ran `phase` (forward and backward)."""
-    comm = [(b["start_ms"], b["end_ms"]) for b in bars if b["lane"] == "communication"]
-    comp = [(b["start_ms"], b["end_ms"]) for b in bars if b["lane"] == "compute" and b["name"].startswith(phase)]
-    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in comm for s2, e2 in comp)
+    """How long this rank's all-to-alls (gloo's thread or NCCL's kernels) ran while `phase` ran (forward and
+    backward)."""
+    comm = [(b["start_ms"], b["end_ms"]) for b in bars if b["name"] == "all-to-all"]
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in comm for s2, e2 in _work(bars, phase))
 
 
 def communication_ms(bars: list[dict]) -> float:
-    """The total length of this rank's communication bars."""
-    return sum(b["end_ms"] - b["start_ms"] for b in bars if b["lane"] == "communication")
+    """The total length of this rank's all-to-all bars."""
+    return sum(b["end_ms"] - b["start_ms"] for b in bars if b["name"] == "all-to-all")
+
+
+def _lanes(bars: list[dict]) -> list[str]:
+    streams = sorted({b["lane"] for b in bars if b["lane"].startswith("stream")}, key=lambda n: int(n.split()[1]))
+    return [lane for lane in ("compute", "communication") if any(b["lane"] == lane for b in bars)] + streams
 
 
 def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
-    """Both settings, every rank: a compute lane and a communication lane on one time axis per setting
-    (0 = the first bar of the step on any rank). Returns the figure."""
+    """Both settings, every rank: its lanes (`profile_step`) on one time axis per setting, 0 where the ranks
+    left the barrier. Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(traces), 1, figsize=(13, 1.1 + 1.2 * len(next(iter(traces.values())))
-                                                        * len(traces)), squeeze=False)
+    rows = max(sum(len(_lanes(bars)) for bars in ranks) for ranks in traces.values())
+    fig, axes = plt.subplots(len(traces), 1, figsize=(13, 1.1 + (0.5 * rows + 0.6) * len(traces)), squeeze=False)
     for ax, (setting, ranks) in zip(axes[:, 0], traces.items()):
-        t0 = min(b["start_ms"] for bars in ranks for b in bars)
         labels = []
         for r, bars in enumerate(ranks):
-            for lane_i, lane in enumerate(("compute", "communication")):
-                y = -(2 * r + lane_i)
+            for lane in _lanes(bars):
+                y = -len(labels)
                 labels.append((y, f"rank {r} {lane}"))
                 for b in bars:
                     if b["lane"] != lane:
                         continue
                     base = b["name"].replace(" (backward)", "")
-                    ax.barh(y, b["end_ms"] - b["start_ms"], left=b["start_ms"] - t0, height=0.7,
+                    ax.barh(y, b["end_ms"] - b["start_ms"], left=b["start_ms"], height=0.7,
                             color=COLORS.get(base, "lightgrey"), alpha=0.45 if "backward" in b["name"] else 1.0,
                             edgecolor="none")
         ax.set_yticks([y for y, _ in labels], [name for _, name in labels], fontsize=8)
         ax.set_title(f"{setting}: shared expert's time with the all-to-all in flight on rank 0, "
                      f"{hidden_ms(ranks[0]):.1f} ms", fontsize=9, loc="left")
-    axes[-1, 0].set_xlabel("ms from the start of the step (pale: backward)")
+    axes[-1, 0].set_xlabel("ms after the ranks left a barrier (pale: backward)")
     handles = [Patch(color=c, label=n) for n, c in COLORS.items()]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
     if title:
@@ -233,25 +288,44 @@ def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
 
 CPU_SHAPE = dict(num_experts=8, top_k=2, hidden_dim=1024, ffn_dim=128, shared_ffn_dim=128, seed=0)
 CPU_TOKENS = 1024
+# one GPU: DeepSeek-V3's expert width and a shared expert of two, bf16, the grouped bank
+GPU_SHAPE = dict(num_experts=16, top_k=4, hidden_dim=2048, ffn_dim=1024, shared_ffn_dim=2048, activation="swiglu",
+                 dtype="bfloat16", seed=0)
+GPU_TOKENS = 8192
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="images/overlap_cpu.json")
-    p.add_argument("--tokens", type=int, default=CPU_TOKENS)
+    p.add_argument("--out", default=None, help="default: images/overlap_cpu.json, or _1xgpu on GPUs")
+    p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--events", default=None, help="also pickle rank 0's raw profiler events here")
     a = p.parse_args(argv)
-    dist.init_process_group("gloo")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, N = rank_and_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     keep_freed_memory()
-    cfg = MoEConfig(**CPU_SHAPE)
-    record = record_header("lessons_lib.lab.overlap_timeline", torch.device("cpu"), argv)
-    record |= {"config": CPU_SHAPE, "times": overlap_step_times(cfg, a.tokens, rounds=a.rounds),
-               "timeline": timelines(cfg, a.tokens)}
-    if dist.get_rank() == 0:
-        with open(a.out, "w") as f:
+    shape, tokens = (GPU_SHAPE, GPU_TOKENS) if cuda else (CPU_SHAPE, CPU_TOKENS)
+    tokens = a.tokens or tokens
+    out = a.out or ("images/overlap_cpu.json" if not cuda else f"images/overlap_{N}xgpu.json")
+    cfg = MoEConfig(**shape)
+    record = record_header("lessons_lib.lab.overlap_timeline", device, argv)
+    record |= {"config": shape, "tokens": tokens, "times": overlap_step_times(cfg, tokens, rounds=a.rounds,
+                                                                              device=device)}
+    events = {} if a.events else None
+    record["timeline"] = timelines(cfg, tokens, device=device, events_out=events)
+    if rank == 0:
+        with open(out, "w") as f:
             json.dump(record, f, indent=1)
-        draw_timeline(record["timeline"], f"{record['world_size']} gloo ranks, CPU").savefig(
-            a.out.replace(".json", ".png"), dpi=110)
+        draw_timeline(record["timeline"], f"{N} {dist.get_backend()} rank(s), {record['device']}").savefig(
+            out.replace(".json", ".png"), dpi=110)
+        if events is not None:
+            import pickle
+            with open(a.events, "wb") as f:
+                pickle.dump(events, f)
     dist.destroy_process_group()
 
 
