@@ -5,9 +5,10 @@ drawn from torch.profiler (lesson 08).
 interleaved round by round (so a machine that slows down mid-run slows both), next to what bounds the gain,
 measured in the same run: the dispatch's all-to-all alone and the shared expert alone.
 
-`profile_step` records one training step with torch.profiler and turns it into bars: the layer's phases on
-the rank's own thread (`label_phases` names them with `record_function`; a backward op is given its forward
-op's phase through the profiler's sequence numbers) and gloo's collectives on gloo's worker threads.
+`profile_step` records one training step with torch.profiler and turns its Chrome trace into bars: the layer's
+phases on the rank's own thread (`label_phases` names them with `record_function`; a backward op is given its
+forward op's phase through the profiler's sequence numbers), gloo's collectives on gloo's worker threads, and on
+a GPU every stream's kernels, each named by the phase of the op that launched it.
 `draw_timeline` puts both ranks' bars on one time axis.
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.lab.overlap_timeline --out images/overlap_cpu.json
@@ -18,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -130,7 +132,7 @@ def profile_step(layer: MoELayer, x: torch.Tensor, group=None, events_out: list 
     threads: the layer's phases, backward included, and the optimizer), "communication" (gloo's threads) and, on
     a GPU, "stream N" (the kernels of CUDA stream N, named by the phase that launched them; NCCL's: "all-to-all").
     Times are ms from the end of a barrier inside the profile: the ranks leave it together, so their bars share
-    one time axis. events_out: a list to receive the profiler's raw events."""
+    one time axis. events_out: a list to receive the trace's raw events (`trace_bars` reads them)."""
     opt = make_adamw(layer.parameters())
     x = x.detach().requires_grad_()  # as in a model: the rows' gradient travels back too
     target = torch.zeros_like(x)
@@ -157,56 +159,62 @@ def profile_step(layer: MoELayer, x: torch.Tensor, group=None, events_out: list 
         step()
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-    events = prof.events()
+    with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace: the same fields in every recent torch
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     if events_out is not None:
         events_out.extend(events)
-    return _bars(events)
+    return trace_bars(events)
 
 
-def _innermost(ranges, t0: float, t1: float):
+def _span(e: dict) -> tuple[float, float]:
+    return e["ts"], e["ts"] + e.get("dur", 0)
+
+
+def _innermost(ranges: list[dict], t0: float, t1: float) -> dict | None:
     """The innermost of `ranges` that contains [t0, t1], or None (the shared expert runs inside the dispatch)."""
-    around = [r for r in ranges if r.time_range.start <= t0 <= t1 <= r.time_range.end]
-    return max(around, key=lambda r: r.time_range.start) if around else None
+    around = [r for r in ranges if _span(r)[0] <= t0 <= t1 <= _span(r)[1]]
+    return max(around, key=lambda r: r["ts"]) if around else None
 
 
-def _bars(events) -> list[dict]:
-    from torch.autograd import DeviceType
-
-    host = [e for e in events if e.device_type == DeviceType.CPU]
-    main = next(e.thread for e in host if e.name == "optimizer")
-    zero = next(e.time_range.end for e in host if e.name == "barrier" and e.thread == main)
-    ranges = [e for e in host if e.thread == main and e.name in PHASES + ("optimizer",)]
+def trace_bars(events: list[dict]) -> list[dict]:
+    """A Chrome trace's complete events ("ph": "X") of one `profile_step` -> its bars (see there)."""
+    main = next(e["tid"] for e in events if e["name"] == "optimizer")
+    zero = next(_span(e)[1] for e in events if e["name"] == "barrier" and e["tid"] == main)
+    ranges = [e for e in events if e["tid"] == main and e["name"] in PHASES + ("optimizer",)]
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
     phase_of_seq = {}  # a forward op's sequence number -> its phase, for the backward ops autograd makes of it
-    for e in host:
-        if e.thread == main and e.sequence_nr >= 0 and e.name not in PHASES:
-            r = _innermost(ranges, e.time_range.start, e.time_range.end)
+    for e in ops:
+        seq = e.get("args", {}).get("Sequence number")
+        if e["tid"] == main and seq is not None:
+            r = _innermost(ranges, *_span(e))
             if r is not None:
-                phase_of_seq.setdefault(e.sequence_nr, r.name)
-    backward = [e for e in host if e.name.startswith("autograd::engine::evaluate_function:")
-                and e.sequence_nr in phase_of_seq]
-    bars = [("compute", r.name, r.time_range) for r in ranges]
-    bars += [("compute", phase_of_seq[e.sequence_nr] + " (backward)", e.time_range) for e in backward]
-    bars += [("communication", "all-to-all" if "all_to_all" in e.name else e.name[5:], e.time_range)
-             for e in host if e.name.startswith("gloo:") and e.thread != main]
+                phase_of_seq.setdefault(seq, r["name"])
+    backward = [e for e in ops if e["name"].startswith("autograd::engine::evaluate_function:")
+                and e.get("args", {}).get("Sequence number") in phase_of_seq]
+    bars = [("compute", r["name"], r) for r in ranges]
+    bars += [("compute", phase_of_seq[e["args"]["Sequence number"]] + " (backward)", e) for e in backward]
+    bars += [("communication", "all-to-all" if "all_to_all" in e["name"] else e["name"][5:], e)
+             for e in events if e["name"].startswith("gloo:") and e["tid"] != main]
 
-    # a kernel's linked_correlation_id is the correlation id of the runtime call that launched it
-    launches = {e.id: e for e in host if e.name.startswith(("cuda", "cu"))}
+    op_of_id = {e["args"]["External id"]: e for e in ops if "External id" in e.get("args", {})}
     for k in events:
-        if k.device_type != DeviceType.CUDA:
+        if k.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
-        name = "all-to-all" if "nccl" in k.name.lower() else "other"
-        launch = launches.get(k.linked_correlation_id)
-        if name == "other" and launch is not None:
-            t = launch.time_range.start
-            r = _innermost(ranges, t, t) if launch.thread == main else None
-            b = _innermost([e for e in backward if e.thread == launch.thread], t, t)
-            if b is not None and (r is None or b.time_range.start > r.time_range.start):
-                name = phase_of_seq[b.sequence_nr] + " (backward)"
+        name = "all-to-all" if "nccl" in k["name"].lower() else "other"
+        op = op_of_id.get(k.get("args", {}).get("External id"))  # the op that launched it
+        if name == "other" and op is not None:
+            t = op["ts"]
+            r = _innermost(ranges, t, t) if op["tid"] == main else None
+            b = _innermost([e for e in backward if e["tid"] == op["tid"]], t, t)
+            if b is not None and (r is None or b["ts"] > r["ts"]):
+                name = phase_of_seq[b["args"]["Sequence number"]] + " (backward)"
             elif r is not None:
-                name = r.name
-        bars.append((f"stream {k.device_resource_id}", name, k.time_range))
-    bars = [{"lane": lane, "name": name, "start_ms": (t.start - zero) / 1e3, "end_ms": (t.end - zero) / 1e3}
-            for lane, name, t in bars if t.end > zero]  # the barrier's own collective ends before 0
+                name = r["name"]
+        bars.append((f"stream {k['args'].get('stream', '?')}", name, k))
+    bars = [{"lane": lane, "name": name, "start_ms": (_span(e)[0] - zero) / 1e3, "end_ms": (_span(e)[1] - zero) / 1e3}
+            for lane, name, e in bars if _span(e)[1] > zero]  # the barrier's own collective ends before 0
     return sorted(bars, key=lambda b: b["start_ms"])
 
 
@@ -299,7 +307,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="default: images/overlap_cpu.json, or _1xgpu on GPUs")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--events", default=None, help="also pickle rank 0's raw profiler events here")
+    p.add_argument("--events", default=None, help="also write rank 0's raw trace events here (JSON)")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -323,9 +331,8 @@ def main(argv=None):
         draw_timeline(record["timeline"], f"{N} {dist.get_backend()} rank(s), {record['device']}").savefig(
             out.replace(".json", ".png"), dpi=110)
         if events is not None:
-            import pickle
-            with open(a.events, "wb") as f:
-                pickle.dump(events, f)
+            with open(a.events, "w") as f:
+                json.dump(events, f)
     dist.destroy_process_group()
 
 
