@@ -256,6 +256,15 @@ def communication_ms(bars: list[dict]) -> float:
     return sum(b["end_ms"] - b["start_ms"] for b in bars if b["name"] == "all-to-all")
 
 
+def streams_busy_ms(bars: list[dict]) -> float:
+    """How long at least one of this rank's GPU streams ran a kernel (the union of the stream bars)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((b["start_ms"], b["end_ms"]) for b in bars if b["lane"].startswith("stream")):
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
 def _lanes(bars: list[dict]) -> list[str]:
     streams = sorted({b["lane"] for b in bars if b["lane"].startswith("stream")}, key=lambda n: int(n.split()[1]))
     return [lane for lane in ("compute", "communication") if any(b["lane"] == lane for b in bars)] + streams
