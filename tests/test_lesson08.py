@@ -199,3 +199,37 @@ def test_the_committed_granularity_record_plots():
     fig = plot_record(record)
     ok = [r for r in record["sweep"] if "error" not in r]
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()][:2] == [len(ok), len(ok)]
+
+
+def test_trace_bars_names_gpu_kernels_by_the_phase_that_launched_them():
+    """A hand-made Chrome trace of the fields torch.profiler writes: the kernels' lanes, names and times."""
+    from lessons_lib.lab.overlap_timeline import hidden_ms, streams_busy_ms, trace_bars
+
+    def ev(name, cat, tid, ts, dur, **args):
+        return {"ph": "X", "name": name, "cat": cat, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+    main, autograd = 1, 2
+    events = [
+        ev("barrier", "user_annotation", main, 0, 100),
+        ev("dispatch", "user_annotation", main, 100, 50),
+        ev("shared expert", "user_annotation", main, 110, 20),
+        ev("aten::mm", "cpu_op", main, 112, 5, **{"External id": 7, "Sequence number": 3}),
+        ev("aten::index", "cpu_op", main, 102, 2, **{"External id": 5, "Sequence number": 2}),
+        ev("autograd::engine::evaluate_function: MmBackward0", "cpu_op", autograd, 300, 10,
+           **{"External id": 20, "Sequence number": 3}),
+        ev("aten::mm", "cpu_op", autograd, 301, 5, **{"External id": 21}),
+        ev("optimizer", "user_annotation", main, 400, 30),
+        ev("gemm_kernel", "kernel", 30, 200, 40, **{"External id": 7, "stream": 20}),  # the shared expert's mm
+        ev("index_kernel", "kernel", 30, 150, 10, **{"External id": 5, "stream": 7}),
+        ev("ncclDevKernel_SendRecv", "kernel", 31, 190, 30, **{"External id": 99, "stream": 16}),
+        ev("gemm_bwd_kernel", "kernel", 30, 320, 20, **{"External id": 21, "stream": 20}),
+    ]
+    bars = trace_bars(events)
+    gpu = {(b["lane"], b["name"], b["start_ms"] * 1e3) for b in bars if b["lane"].startswith("stream")}
+    assert gpu == {("stream 20", "shared expert", 100), ("stream 7", "dispatch", 50),
+                   ("stream 16", "all-to-all", 90), ("stream 20", "shared expert (backward)", 220)}
+    assert ("compute", "shared expert (backward)") in {(b["lane"], b["name"]) for b in bars}
+    assert "barrier" not in {b["name"] for b in bars}
+    # on a GPU the overlap is read from the kernels: NCCL's 90..120 us against the shared expert's 100..140 us
+    assert abs(hidden_ms(bars) - 0.020) < 1e-9
+    assert abs(streams_busy_ms(bars) - (0.010 + 0.050 + 0.020)) < 1e-9  # 50..60, 90..140, 220..240 us
