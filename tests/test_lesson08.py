@@ -179,11 +179,11 @@ def test_segmentation_keeps_parameters_and_flops_and_the_hash_traffic_follows_th
         segment(coarse, 3)
     rows = traffic_per_token(coarse, 8, ms=(1, 2, 4, 8))
     assert {r["params"] for r in rows} == {32 * 16384} and {r["flops_per_token"] for r in rows} == {16384}
-    assert [r["bytes_per_expert_row"] for r in rows] == [m * 7168 * 2 for m in (1, 2, 4, 8)]
+    assert [r["bytes_row_per_expert"] for r in rows] == [m * 7168 * 2 for m in (1, 2, 4, 8)]
     assert rows[0]["distinct_ranks"] == 1.0
     for r in rows:
         assert abs(r["distinct_ranks"] - r["expected_distinct_ranks"]) < 0.03 * r["expected_distinct_ranks"], r
-        assert r["bytes_per_rank_row"] <= r["bytes_per_expert_row"]
+        assert r["bytes_row_per_rank"] <= r["bytes_row_per_expert"]
 
 
 def test_the_committed_granularity_record_plots():

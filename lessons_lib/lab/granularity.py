@@ -70,9 +70,9 @@ def traffic_per_token(cfg: MoEConfig, world_size: int, ms=(1, 2, 4, 8), tokens: 
         row_bytes = c.hidden_dim * bytes_per_element
         rows.append({"m": m, "num_experts": c.num_experts, "ffn_dim": c.ffn_dim, "top_k": c.top_k,
                      "params": c.num_experts * c.ffn_dim, "flops_per_token": c.top_k * c.ffn_dim,
-                     "bytes_per_expert_row": c.top_k * row_bytes, "distinct_ranks": ranks,
+                     "bytes_row_per_expert": c.top_k * row_bytes, "distinct_ranks": ranks,
                      "expected_distinct_ranks": expected_distinct_ranks(c.num_experts, c.top_k, world_size),
-                     "bytes_per_rank_row": ranks * row_bytes})
+                     "bytes_row_per_rank": ranks * row_bytes})
     return rows
 
 

@@ -305,7 +305,7 @@ def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
 
 CPU_SHAPE = dict(num_experts=8, top_k=2, hidden_dim=1024, ffn_dim=128, shared_ffn_dim=128, seed=0)
 CPU_TOKENS = 1024
-# one GPU: DeepSeek-V3's expert width and a shared expert of two, bf16, the grouped bank
+# one GPU: a bf16 layer big enough to keep the GPU busy, a shared expert twice an expert wide, the grouped bank
 GPU_SHAPE = dict(num_experts=16, top_k=4, hidden_dim=2048, ffn_dim=1024, shared_ffn_dim=2048, activation="swiglu",
                  dtype="bfloat16", seed=0)
 GPU_TOKENS = 8192
