@@ -101,6 +101,27 @@ def lesson08_cases(N):
                 yield dispatcher, bank, top_k_is_e, f"{name}: top_k=E", [5] * N, "random"
 
 
+def hierarchical_cases(N, R):
+    """(bank, config, case, tokens per rank, routing) for lesson 09's dispatcher on N ranks as N/R nodes × R."""
+    from lessons_lib.lab.equivalence import routing_cases
+
+    nodes = N // R
+    E = 2 * N
+    base = dict(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32)
+    configs = {"gelu": MoEConfig(**base),
+               "swiglu, shared": MoEConfig(**base, activation="swiglu", shared_ffn_dim=8),
+               "node-limited M=1": MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=nodes,
+                                             topk_groups=1)}
+    cases = routing_cases(N) + [("k experts on one remote node", [8] * N, "remote_node"),
+                                ("every token to one node", [8] * N, "one_node")]
+    for bank in ("loop", "grouped"):
+        for name, cfg in configs.items():
+            for case, tokens, routing in cases:
+                yield bank, cfg, f"{name}: {case}", tokens, routing
+    yield "grouped", MoEConfig(**{**base, "top_k": E}), "top_k=E", [5] * N, "random"
+    yield "loop", MoEConfig(**base, router="hash", shared_ffn_dim=8), "hash", [6] * N, "random"
+
+
 def overlap_bitwise(rank, N, device):
     """Outputs and every gradient, overlap on vs off, compared with torch.equal on every rank."""
     from lessons_lib.lab.equivalence import adversarial_inputs, adversarial_token_ids
@@ -228,8 +249,8 @@ def main():
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="hash")
         messages = {}
-        for dispatcher in ("allgather", "alltoall", "tp"):
-            layer = MoELayer(cfg, dispatcher).to(device)
+        for dispatcher in ("allgather", "alltoall", "tp", "hierarchical"):  # lesson 09's too: 2 nodes × 1 rank
+            layer = MoELayer(cfg, dispatcher, ranks_per_node=1 if dispatcher == "hierarchical" else None).to(device)
             x = torch.randn(4, 16, device=device)
             for bad, ids in (("missing", None), ("shape", torch.arange(3, device=device))):
                 try:
@@ -383,6 +404,65 @@ def main():
             result["bad ep_size"] = str(e)
     elif p["mode"] == "traffic":
         result = traffic_check(rank, world_size, device)
+    elif p["mode"] == "hierarchical":  # lesson 09: against the single-device layer, on nodes × ranks_per_node
+        GroupedExperts.use_reference_kernel = True
+        result = []
+        for bank, cfg, name, tokens, routing in hierarchical_cases(world_size, p["ranks_per_node"]):
+            errors = compare_with_single_device(cfg, "hierarchical", bank, tokens_per_rank=tokens, routing=routing,
+                                                device=device, ranks_per_node=p["ranks_per_node"])
+            result.append({"experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "hierarchical_traffic":  # lesson 09: counted inter-node bytes against the model, exactly
+        from lessons_lib.lab.node_traffic import remote_nodes, remote_pairs, split_bytes_by_link
+        from lessons_lib.moe.init import init_full_state_dict
+        R = p["ranks_per_node"]
+        nodes, H = world_size // R, 16
+        result = {}
+        for name, extra in (("softmax", {}), ("node-limited M=1", {"router": "sigmoid_bias", "num_groups": nodes,
+                                                                   "topk_groups": 1})):
+            cfg = MoEConfig(num_experts=2 * world_size, top_k=4, hidden_dim=H, ffn_dim=8, **extra)
+            sd = init_full_state_dict(cfg)
+            x = torch.randn(24, H, generator=torch.Generator().manual_seed(rank))
+            rows = {}
+            for dispatcher in ("hierarchical", "alltoall"):
+                layer = MoELayer(cfg, dispatcher, ranks_per_node=R if dispatcher == "hierarchical" else None)
+                layer.load_full_state_dict(sd)
+                y, aux = layer(x)
+                ids = aux.routing.expert_ids
+                if dispatcher == "hierarchical":
+                    ph = layer.dispatcher.traffic.phases
+                    rows["hier"] = [ph["dispatch inter-node"].sent, ph["combine inter-node"].received,
+                                    ph["dispatch inter-node"].received, ph["combine inter-node"].sent]
+                    rows["hier_model"] = 4 * H * remote_nodes(ids, cfg.num_experts, nodes, rank // R)
+                    rows["intra"] = ph["dispatch intra-node"].sent
+                else:
+                    with torch.no_grad():
+                        _, _, state = layer.dispatch(x, aux.routing)
+                    rows["flat"] = split_bytes_by_link(state.in_splits, rank, R, 4 * H)["inter-node"]
+                    rows["flat_model"] = 4 * H * remote_pairs(ids, cfg.num_experts, nodes, rank // R)
+                rows[dispatcher] = y
+            rows["same_output"] = (rows.pop("hierarchical") - rows.pop("alltoall")).abs().max().item()
+            rows["max_nodes"] = int(torch.stack([(ids // (cfg.num_experts // nodes) == n).any(1)
+                                                 for n in range(nodes)]).sum(0).max())
+            result[name] = rows
+        every = [None] * world_size
+        dist.all_gather_object(every, result)
+        result = every
+    elif p["mode"] == "hierarchical_bad_setup":  # every rank refuses, before any collective
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=8, ffn_dim=8)
+        result = {}
+        for name, kw in (("R=3", {"dispatcher": "hierarchical", "ranks_per_node": 3}),
+                         ("R=0", {"dispatcher": "hierarchical", "ranks_per_node": 0}),
+                         ("R for alltoall", {"dispatcher": "alltoall", "ranks_per_node": 2}),
+                         ("a group", {"dispatcher": "hierarchical", "group": dist.group.WORLD}),
+                         ("capacity", {"dispatcher": "hierarchical", "cfg": MoEConfig(
+                             num_experts=2 * world_size, top_k=2, hidden_dim=8, ffn_dim=8, capacity_factor=1.0)})):
+            kw = dict(kw)
+            try:
+                MoELayer(kw.pop("cfg", cfg), **kw)
+                result[name] = "no error"
+            except ValueError as e:
+                result[name] = str(e)
+        dist.barrier()  # every rank got here: nothing waited in a collective
     elif p["mode"] == "overlap_timeline":  # lesson 08's measurement, at a small shape
         from lessons_lib.lab.overlap_timeline import overlap_step_times, timelines
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=64, ffn_dim=32, shared_ffn_dim=64)

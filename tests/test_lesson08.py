@@ -40,7 +40,7 @@ def test_missing_token_ids_on_one_rank_stop_every_rank():
     every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "hash_bad_ids"}, stream=False,
                        timeout=300).value
     for rank, messages in enumerate(every):
-        for dispatcher in ("allgather", "alltoall"):
+        for dispatcher in ("allgather", "alltoall", "hierarchical"):
             for bad in ("missing", "shape"):
                 msg = messages[f"{dispatcher}/{bad}"]
                 assert ("token_ids" in msg) if rank == 1 else ("rank 1 of the expert-parallel group" in msg), msg

@@ -30,12 +30,16 @@ ROUTINGS = {
     "one_expert": "every token's first choice is the last expert",
     "own_experts": "rank 0's tokens go to rank 0's experts only",
     "receives_nothing": "no token goes to the last rank's experts",
+    "remote_node": "rank 0's tokens go to the last node's experts only (lesson 09)",
+    "one_node": "every token goes to the first node's experts only (lesson 09)",
 }
 STEER = 30.0  # a logit offset that decides top-k outright (e^-30 ≈ 1e-13)
 
 
-def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int, seed: int = 0):
-    """(unsharded weights, global input X, output-gradient G) for one equality case."""
+def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int, seed: int = 0,
+                       ranks_per_node: int | None = None):
+    """(unsharded weights, global input X, output-gradient G) for one equality case. ranks_per_node: the nodes
+    of the node routings (None: one node)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {sorted(ROUTINGS)}, got {routing!r}")
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +64,15 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
         if world_size < 2 or cfg.top_k > cfg.num_experts - len(last):
             raise ValueError("'receives_nothing' needs 2+ ranks and top_k <= the experts of the other ranks")
         W[list(last), 0] = -STEER
+    elif routing in ("remote_node", "one_node"):
+        nodes = world_size // (ranks_per_node or world_size)
+        per_node = cfg.num_experts // nodes
+        if cfg.top_k > per_node:
+            raise ValueError(f"{routing!r} needs top_k <= the experts of one node ({per_node})")
+        if routing == "remote_node":
+            W[cfg.num_experts - per_node:, 1] = STEER
+        else:
+            W[:per_node, 0] = STEER
     return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
 
 
@@ -120,7 +133,8 @@ def _slice(ids, lo, hi):
 
 def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
                                tokens_per_rank: list[int] | None = None, routing: str = "random",
-                               group=None, seed: int = 0, device=None, overlap: bool = True) -> dict[str, float]:
+                               group=None, seed: int = 0, device=None, overlap: bool = True,
+                               ranks_per_node: int | None = None) -> dict[str, float]:
     """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
     layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
 
@@ -132,11 +146,11 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     if len(tokens_per_rank) != N:
         raise ValueError(f"tokens_per_rank needs one entry per rank ({N}), got {tokens_per_rank}")
     device = device if device is not None else torch.device("cpu")
-    sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed)
+    sd, X, G = adversarial_inputs(cfg, tokens_per_rank, routing, N, seed, ranks_per_node)
     sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
     ids = _token_ids(cfg, tokens_per_rank, routing, N, seed, device)
 
-    layer = MoELayer(cfg, dispatcher, experts, group=group, overlap=overlap).to(device)
+    layer = MoELayer(cfg, dispatcher, experts, group=group, overlap=overlap, ranks_per_node=ranks_per_node).to(device)
     layer.load_full_state_dict(sd)
     replicated = layer.dispatcher.replicated_tokens
 

@@ -6,7 +6,8 @@ Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher (what e
 provides: `dispatcher.Dispatcher`), lesson 04 the expert bank, lesson 06 the router (`cfg.router`).
 Lesson 05's capacity is a config option that every dispatcher honours (`dispatch_local.rows_by_expert`).
 Lesson 08 adds the shared expert (`shared_expert`), run while the dispatch's rows travel (`overlap`), and the
-hash router, which routes by token id: `layer(x, token_ids=ids)`.
+hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 09's dispatcher crosses nodes once per
+(token, node): `MoELayer(cfg, "hierarchical", ranks_per_node=R)`.
 `MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .capacity import dropped_pairs, expert_capacity
 from .config import MoEConfig
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
+from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_local import LocalDispatcher
 from .dispatcher import Dispatcher, DispatchState
 from .experts import LoopExperts
@@ -43,6 +45,7 @@ DISPATCHERS: dict[str, type[nn.Module]] = {
     "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
     "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
     "tp": TensorParallelDispatcher,  # lesson 07: tensor parallel, for comparison
+    "hierarchical": HierarchicalDispatcher,  # lesson 09: across nodes, once per (token, node)
 }
 EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "loop": LoopExperts,  # lesson 01: one expert after the other
@@ -94,6 +97,8 @@ class MoELayer(nn.Module):
 
     overlap: lesson 08, with a shared expert (cfg.shared_ffn_dim): run it while the dispatch's rows travel
         (`overlap.SharedBeside`); False runs the same steps without overlap, to compare.
+    ranks_per_node: lesson 09's "hierarchical" dispatcher, the world as nodes × ranks_per_node (None: torchrun's
+        LOCAL_WORLD_SIZE).
 
     The forward is four steps, each a method (the benchmark times them one by one):
     route -> dispatch -> run_experts -> combine, and with a shared expert (lesson 08) y += shared(x).
@@ -101,11 +106,15 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None,
-                 overlap: bool = True):
+                 overlap: bool = True, ranks_per_node: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.overlap = overlap
-        self.dispatcher: Dispatcher = _pick("dispatcher", dispatcher, DISPATCHERS)(cfg, group)
+        kind = _pick("dispatcher", dispatcher, DISPATCHERS)
+        if ranks_per_node is not None and dispatcher != "hierarchical":
+            raise ValueError(f"ranks_per_node is for dispatcher 'hierarchical' (lesson 09), not {dispatcher!r}")
+        extra = {"ranks_per_node": ranks_per_node} if dispatcher == "hierarchical" else {}
+        self.dispatcher: Dispatcher = kind(cfg, group, **extra)
         self.router = ROUTERS[cfg.router](cfg)
         # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
         # part of each expert's inner dimension); the bank holds just those weights.

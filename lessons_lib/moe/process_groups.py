@@ -1,4 +1,4 @@
-"""Expert parallelism × data parallelism: which ranks talk to which (lesson 07).
+"""Which ranks talk to which: expert parallelism × data parallelism (lesson 07), and nodes (lesson 09).
 
 With W ranks and EP size e, the W ranks form W/e expert-parallel groups of e consecutive ranks;
 each EP group holds one full copy of the experts, spread over its e ranks. Ranks that hold the
@@ -11,6 +11,7 @@ group of W/e ranks. For W = 4, e = 2:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -48,3 +49,62 @@ def sync_gradients(layer, groups: EPDPGroups) -> None:
     the same experts), the replicated router and shared expert (lesson 08) over all ranks."""
     all_reduce_grads(layer.experts.parameters(), group=groups.edp_group)
     all_reduce_grads(layer.replicated_parameters())
+
+
+# ---------------------------------------------------------------- lesson 09: nodes
+
+@dataclass
+class NodeGroups:
+    """A world of nodes × ranks_per_node ranks, rank g = node · ranks_per_node + local rank. For 2 × 4:
+
+        intra-node groups:   {0, 1, 2, 3}  {4, 5, 6, 7}          fast links (NVLink): the fan-out inside a node
+        inter-node groups:   {0, 4}  {1, 5}  {2, 6}  {3, 7}      one per local rank (a "rail"): the network
+
+    A token crosses between nodes only inside its rank's inter-node group, to the rank of the same local rank.
+    """
+
+    ranks_per_node: int
+    nodes: int
+    node: int  # this rank's node
+    local_rank: int  # this rank's place in its node
+    intra_group: object  # this rank's node, group rank = local rank
+    inter_group: object  # the ranks of this local rank on every node, group rank = node
+    intra_ranks: list  # every intra-node group, as lists of global ranks
+    inter_ranks: list  # every inter-node group
+
+
+_NODE_GROUPS: dict = {}  # (the world group, ranks_per_node) -> NodeGroups: new_group is costly, make them once
+
+
+def default_ranks_per_node() -> int:
+    """torchrun's LOCAL_WORLD_SIZE (the processes it started on this machine), else the whole world."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+
+
+def check_ranks_per_node(ranks_per_node: int, world_size: int) -> None:
+    if not isinstance(ranks_per_node, int) or ranks_per_node <= 0 or world_size % ranks_per_node:
+        raise ValueError(f"ranks_per_node ({ranks_per_node!r}) must be a positive divisor of the world size "
+                         f"({world_size}): the world is nodes × ranks_per_node")
+
+
+def build_node_groups(ranks_per_node: int | None = None) -> NodeGroups:
+    """Every intra-node and inter-node group (new_group is collective: every rank makes every group, in the same
+    order) and this rank's two. A ranks_per_node that does not divide the world is a ValueError on every rank,
+    before any collective."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    R = default_ranks_per_node() if ranks_per_node is None else ranks_per_node
+    check_ranks_per_node(R, world)
+    key = (id(dist.group.WORLD), R)  # a new init_process_group makes a new world, and new groups
+    if key not in _NODE_GROUPS:
+        P = world // R
+        intra_ranks = [list(range(n * R, (n + 1) * R)) for n in range(P)]
+        inter_ranks = [list(range(lr, world, R)) for lr in range(R)]
+        mine = {}
+        for kind, table in (("intra", intra_ranks), ("inter", inter_ranks)):
+            for ranks in table:
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[kind] = g
+        _NODE_GROUPS[key] = NodeGroups(R, P, rank // R, rank % R, mine["intra"], mine["inter"],
+                                              intra_ranks, inter_ranks)
+    return _NODE_GROUPS[key]

@@ -1,0 +1,94 @@
+"""What crosses between nodes (lesson 09): a routing's inter-node rows, flat and hierarchical, and their time.
+
+Experts are placed contiguously, so node n owns experts n·E/P … (n+1)·E/P − 1. For the tokens of a rank on node
+`node`, one dispatch sends across the network
+- flat (lesson 03's all-to-all): one row per (token, slot) whose expert is on another node (`remote_pairs`);
+- hierarchical (lesson 09): one row per (token, other node holding any of its experts) (`remote_nodes`).
+Combine sends as many rows back. Node-limited routing (`MoEConfig(router="sigmoid_bias", num_groups=P,
+topk_groups=M)`) caps the nodes a token reaches at M, so the hierarchical rows at M − 1 remote nodes per token.
+
+`layer_time_us` turns bytes into time with one bandwidth per link class: within a node, NVLink, across nodes the
+network; `LINKS` states the figures and where they come from.
+"""
+from __future__ import annotations
+
+import torch
+
+# Bandwidth per GPU and direction, GB/s.
+LINKS = {
+    "nvlink_h100": (450.0, "NVLink 4 on H100/H200: 900 GB/s per GPU both directions together (NVIDIA's datasheet)"),
+    "nvlink_h800": (160.0, "NVLink on DeepSeek-V3's H800s: ~160 GB/s achievable (DeepSeek-V3 report, sec. 3.2.2)"),
+    "network": (50.0, "one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s (DeepSeek-V3 report, sec. 3.2.2)"),
+}
+
+
+def node_of(expert_ids: torch.Tensor, num_experts: int, nodes: int) -> torch.Tensor:
+    """The node that holds each expert id."""
+    if num_experts % nodes:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the number of nodes ({nodes})")
+    return expert_ids // (num_experts // nodes)
+
+
+def nodes_per_token(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int) -> torch.Tensor:
+    """[T] how many different nodes each token's k experts are on."""
+    hit_TP = torch.zeros(expert_ids_Tk.shape[0], nodes, dtype=torch.bool, device=expert_ids_Tk.device)
+    hit_TP.scatter_(1, node_of(expert_ids_Tk, num_experts, nodes), True)
+    return hit_TP.sum(1)
+
+
+def remote_pairs(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, node: int) -> int:
+    """Flat: the rows a rank on `node` sends across the network in one dispatch, one per remote (token, slot)."""
+    return int((node_of(expert_ids_Tk, num_experts, nodes) != node).sum())
+
+
+def remote_nodes(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, node: int) -> int:
+    """Hierarchical: the rows a rank on `node` sends across the network, one per (token, remote node)."""
+    hit_TP = torch.zeros(expert_ids_Tk.shape[0], nodes, dtype=torch.bool, device=expert_ids_Tk.device)
+    hit_TP.scatter_(1, node_of(expert_ids_Tk, num_experts, nodes), True)
+    hit_TP[:, node] = False
+    return int(hit_TP.sum())
+
+
+def split_bytes_by_link(splits: list[int], rank: int, ranks_per_node: int, row_bytes: int) -> dict[str, int]:
+    """Bytes of an all-to-all's per-rank split sizes that leave `rank`, by link: {"intra-node", "inter-node"}
+    (the rows to itself stay put)."""
+    node = rank // ranks_per_node
+    out = {"intra-node": 0, "inter-node": 0}
+    for r, n in enumerate(splits):
+        if r != rank:
+            out["intra-node" if r // ranks_per_node == node else "inter-node"] += n * row_bytes
+    return out
+
+
+def rows_by_link(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, ranks_per_node: int,
+                 rank: int) -> dict[str, dict[str, int]]:
+    """One dispatch of these tokens on `rank`, counted from the routing alone: the rows each scheme sends over
+    each link class, {"flat" | "hierarchical": {"inter-node", "intra-node"}} (combine sends as many back).
+
+    flat: a row per (token, slot); it crosses the network if the expert is on another node, NVLink if it is on
+    another rank of this node. hierarchical: a row per (token, remote node) crosses the network, to the rank with
+    this rank's local rank there; then a row per (token, slot) whose expert sits on another local rank of its
+    node crosses NVLink (the token's own node included)."""
+    per_rank = num_experts // (nodes * ranks_per_node)
+    expert_rank = expert_ids_Tk // per_rank
+    expert_node, expert_local = expert_rank // ranks_per_node, expert_rank % ranks_per_node
+    node, local = rank // ranks_per_node, rank % ranks_per_node
+    return {"flat": {"inter-node": int((expert_node != node).sum()),
+                     "intra-node": int(((expert_node == node) & (expert_rank != rank)).sum())},
+            "hierarchical": {"inter-node": remote_nodes(expert_ids_Tk, num_experts, nodes, node),
+                             "intra-node": int((expert_local != local).sum())}}
+
+
+def layer_time_us(rows: dict[str, int], hidden: int, bytes_per_element: int, nvlink_gbs: float,
+                  network_gbs: float) -> float:
+    """Dispatch + combine time of one layer, in µs, for {"inter-node", "intra-node"} rows of one dispatch (combine
+    moves as many): each link class at its bandwidth, one after the other (a serial bound: overlapping the two
+    links, as DeepEP's kernels do, takes it down towards the larger of the two)."""
+    row = hidden * bytes_per_element
+    return 2 * (rows["inter-node"] * row / network_gbs + rows["intra-node"] * row / nvlink_gbs) / 1e3
+
+
+def tp_time_us(tokens: int, hidden: int, group_size: int, bytes_per_element: int, link_gbs: float) -> float:
+    """Lesson 07's TP all-reduce of a [tokens, hidden] output over a ring of group_size ranks, in µs, at the
+    bandwidth of its slowest link (a ring that spans nodes runs at the network's)."""
+    return 2 * (group_size - 1) / group_size * tokens * hidden * bytes_per_element / link_gbs / 1e3

@@ -1,0 +1,170 @@
+"""Expert parallelism across nodes: a token crosses to each remote node once (lesson 09).
+
+Lesson 03 sends one row per (token, expert) pair straight to the rank that owns the expert, so a token whose k
+experts all live on one remote node crosses the network k times. Here the world is nodes × ranks_per_node
+(`process_groups.NodeGroups`), and a token travels in two hops, as DeepEP's normal kernels do:
+
+  1. inter-node: one row per (token, destination node), to the rank with the same local rank on that node
+     (the row for the token's own node stays on its rank), with the token's k slots beside it: the global
+     expert id where that expert is on the destination node, else -1, and the slot's routing weight (else 0);
+  2. intra-node: the receiving rank fans each row out to the ranks of its node that hold the row's experts,
+     one row per (row, slot), exactly as lesson 03 does, inside one node;
+  3. the experts run;
+  4. combine, in reverse: the results come back inside the node, where hop 1's receiving rank weights and sums
+     a row's results into one partial row; the partial rows cross back once per (token, node), and the token's
+     rank adds up its nodes' partials.
+
+Every rank takes part in every collective, also with nothing to send. The weights travel through the same
+differentiable all-to-all as the rows, so the router's gradient comes back the way they went. `traffic` splits
+the bytes by link class: "dispatch inter-node", "dispatch intra-node", "combine inter-node", "combine
+intra-node", and the slots' ids and weights as "metadata inter-node".
+
+Shapes as in `dispatcher`, and: P nodes, Rn ranks per node, U rows of (token, destination node) this rank sends in
+hop 1, V rows it receives there, W the (row, slot) pairs of those V rows that its node's experts take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .dispatch_alltoall import AllToAll, all_to_all_beside
+from .dispatch_local import Permute, inverse_permutation
+from .dispatcher import DispatchState, ExpertParallelDispatcher
+from .process_groups import build_node_groups, check_ranks_per_node, default_ranks_per_node
+from .router import Routing, count_per_expert
+from .traffic import Traffic
+
+
+@dataclass
+class HierarchicalState(DispatchState):
+    num_tokens: int  # T, this rank's tokens
+    token_U: torch.Tensor  # the source token of each hop-1 row (rows ordered by destination node, then token)
+    hop1_in: list  # [P] hop-1 rows sent to each node
+    hop1_out: list  # [P] hop-1 rows received from each node
+    row_W: torch.Tensor  # for each pair this rank fanned out: which received row it came from
+    weight_W: torch.Tensor  # and that pair's routing weight
+    hop2_in: list  # [Rn] pairs sent to each rank of the node
+    hop2_out: list  # [Rn] pairs received from each
+    regroup_M: torch.Tensor  # received order -> grouped by local expert
+    ungroup_M: torch.Tensor  # and back
+
+
+def _exchange_ints(send: torch.Tensor, group) -> torch.Tensor:
+    """all_to_all_single of an integer tensor with one row per rank of `group` (no gradient: sizes and ids)."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    return recv
+
+
+class HierarchicalDispatcher(ExpertParallelDispatcher):
+    """Two hops: once per (token, node) between nodes, then fanned out to the experts' ranks inside the node."""
+
+    def __init__(self, cfg, group=None, ranks_per_node: int | None = None):
+        if group is not None:
+            raise ValueError("dispatcher 'hierarchical' spans the whole world, nodes × ranks_per_node, and makes its "
+                             "own groups: leave group=None")
+        if cfg.capacity_factor is not None:
+            raise ValueError("dispatcher 'hierarchical' is dropless: leave capacity_factor=None (lesson 05's "
+                             "capacity works with 'alltoall')")
+        super().__init__(cfg, None)  # ValueError if the experts do not split evenly over the ranks
+        R = default_ranks_per_node() if ranks_per_node is None else ranks_per_node
+        check_ranks_per_node(R, self.world_size)  # before any collective: new_group is one
+        self.topology = build_node_groups(R)
+        self.experts_per_node = cfg.num_experts // self.topology.nodes
+
+    def extra_repr(self) -> str:
+        t = self.topology
+        return (f"{super().extra_repr()}; node {t.node} of {t.nodes}, local rank {t.local_rank} of "
+                f"{t.ranks_per_node}")
+
+    def _first_exchange(self, send_N: torch.Tensor, code: int) -> torch.Tensor:
+        # Over the whole world, so that a bad input on any rank reaches every rank: row g = [hop-1 rows for
+        # rank g, code]. Only the ranks of this rank's inter-node group get rows.
+        send = torch.stack([send_N, torch.full_like(send_N, code)], dim=1)
+        recv = _exchange_ints(send, None)
+        nbytes = (self.world_size - 1) * 2 * 8
+        self.traffic.add("counts", nbytes, nbytes, 0)
+        return recv  # [N, 2]: row g = what rank g will send me in hop 1, and its code
+
+    def abort(self, code: int, message: str, device: torch.device) -> None:
+        self._first_exchange(torch.zeros(self.world_size, dtype=torch.long, device=device), code)
+        raise ValueError(message)
+
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
+        t = self.topology
+        P, Rn, L = t.nodes, t.ranks_per_node, self.num_local_experts
+        self.traffic = Traffic()
+        ids_Tk = routing.expert_ids
+        node_Tk = ids_Tk // self.experts_per_node
+
+        # Hop 1: one row per (token, node its experts live on), ordered by node, then token.
+        hit_TP = torch.zeros(ids_Tk.shape[0], P, dtype=torch.bool, device=x_TH.device)
+        hit_TP.scatter_(1, node_Tk, True)
+        node_U, token_U = hit_TP.t().nonzero(as_tuple=True)
+        on_node_Uk = node_Tk[token_U] == node_U[:, None]
+        expert_Uk = torch.where(on_node_Uk, ids_Tk[token_U], -1)
+        weight_Uk = torch.where(on_node_Uk, routing.weights[token_U], 0.0)
+        send_P = hit_TP.sum(0)
+        peers = torch.arange(P, device=x_TH.device) * Rn + t.local_rank  # my inter-node group, by node
+        send_N = torch.zeros(self.world_size, dtype=torch.long, device=x_TH.device)
+        send_N[peers] = send_P
+        recv = self._first_exchange(send_N, 0)
+        sizes = torch.cat([send_P, recv[peers, 0], recv[:, 1]]).tolist()  # one host sync for the split sizes
+        hop1_in, hop1_out, codes = sizes[:P], sizes[P:2 * P], sizes[2 * P:]
+        self._stop_if_any_rank_failed(codes)
+        if beside is None:
+            rows_VH = AllToAll.apply(x_TH[token_U], hop1_out, hop1_in, t.inter_group)
+        else:  # lesson 08's shared expert runs while the rows cross
+            rows_VH = all_to_all_beside(x_TH[token_U], hop1_out, hop1_in, t.inter_group, beside)
+        weight_Vk = AllToAll.apply(weight_Uk, hop1_out, hop1_in, t.inter_group)  # differentiable: the router's grad
+        expert_Vk = torch.empty(sum(hop1_out), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
+        dist.all_to_all_single(expert_Vk, expert_Uk.contiguous(), hop1_out, hop1_in, group=t.inter_group)
+
+        # Hop 2, inside the node: one row per (received row, slot on this node), grouped by expert, as lesson 03.
+        row_W, slot_W = (expert_Vk >= 0).nonzero(as_tuple=True)
+        expert_W = expert_Vk[row_W, slot_W]
+        by_expert = torch.argsort(expert_W, stable=True)
+        row_W, slot_W, expert_W = row_W[by_expert], slot_W[by_expert], expert_W[by_expert]
+        counts_RL = count_per_expert(expert_W - t.node * self.experts_per_node, Rn * L).view(Rn, L)
+        recv_counts_RL = _exchange_ints(counts_RL, t.intra_group)
+        sizes = torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]).tolist()
+        hop2_in, hop2_out, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
+        received_MH = AllToAll.apply(rows_VH[row_W], hop2_out, hop2_in, t.intra_group)
+        local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
+                                                 recv_counts_RL.flatten(), output_size=sum(hop2_out))
+        regroup_M = torch.argsort(local_expert_M, stable=True)
+        ungroup_M = inverse_permutation(regroup_M)
+
+        row_bytes = x_TH.shape[1] * x_TH.element_size()
+        self._count("dispatch", row_bytes, hop1_in, hop1_out, hop2_in, hop2_out)
+        meta = ids_Tk.shape[1] * (expert_Uk.element_size() + weight_Uk.element_size())
+        self._count("metadata", meta, hop1_in, hop1_out, [0] * Rn, [0] * Rn)
+        self.traffic.add("counts", (Rn - 1) * L * 8, (Rn - 1) * L * 8, 0)
+        state = HierarchicalState(ids_Tk.shape[0], token_U, hop1_in, hop1_out, row_W, weight_Vk[row_W, slot_W],
+                                  hop2_in, hop2_out, regroup_M, ungroup_M, sizes=bank_sizes)
+        return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_RL.sum(0), state
+
+    def combine(self, expert_out_MH: torch.Tensor, state: HierarchicalState) -> torch.Tensor:
+        t = self.topology
+        out_M = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)  # back in the order received
+        out_W = AllToAll.apply(out_M, state.hop2_in, state.hop2_out, t.intra_group)  # back to hop 1's receiver
+        weighted_W = out_W * state.weight_W.to(out_W.dtype)[:, None]
+        partial_VH = out_W.new_zeros(sum(state.hop1_out), out_W.shape[1]).index_add(0, state.row_W, weighted_W)
+        partial_UH = AllToAll.apply(partial_VH, state.hop1_in, state.hop1_out, t.inter_group)  # once per node
+        y_TH = partial_UH.new_zeros(state.num_tokens, partial_UH.shape[1]).index_add(0, state.token_U, partial_UH)
+        row_bytes = out_W.shape[1] * out_W.element_size()
+        self._count("combine", row_bytes, state.hop1_out, state.hop1_in, state.hop2_out, state.hop2_in)
+        return y_TH
+
+    def _count(self, phase: str, row_bytes: int, hop1_sent, hop1_received, hop2_sent, hop2_received) -> None:
+        """Bytes of rows that leave this rank, by link: hop 1 to other nodes, hop 2 to the other ranks of the node."""
+        t = self.topology
+        inter = sum(hop1_sent[n] for n in range(t.nodes) if n != t.node) * row_bytes
+        inter_in = sum(hop1_received[n] for n in range(t.nodes) if n != t.node) * row_bytes
+        self.traffic.add(f"{phase} inter-node", inter, inter_in, inter)
+        if phase != "metadata":
+            others = [r for r in range(t.ranks_per_node) if r != t.local_rank]
+            intra = sum(hop2_sent[r] for r in others) * row_bytes
+            self.traffic.add(f"{phase} intra-node", intra, sum(hop2_received[r] for r in others) * row_bytes, intra)

@@ -1,0 +1,83 @@
+"""Lesson 09: EP across nodes, the hierarchical dispatcher against the single-device layer."""
+import pytest
+
+from launcher import run_script
+from launcher.run import REPO
+
+WORKER = REPO / "tests" / "ep_worker.py"
+TOLERANCE = 1e-5  # max relative error, fp32 on CPU
+
+
+@pytest.mark.parametrize("nproc, ranks_per_node", [(4, 2), (8, 4), (8, 2)])
+def test_hierarchical_dispatch_equals_the_single_device_layer(nproc, ranks_per_node):
+    rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "hierarchical",
+                                                                   "ranks_per_node": ranks_per_node},
+                      stream=False, timeout=600).value
+    assert len(rows) == 2 * 3 * 8 + 2  # banks × configs × (6 routing cases + 2 node cases), + top_k=E, hash
+    assert {"grad_experts.w1", "grad_router.weight", "grad_input", "output"} <= set(rows[0]["errors"])
+    bad = [(r["experts"], r["case"], r["errors"]) for r in rows
+           if not all(e <= TOLERANCE for e in r["errors"].values())]
+    assert not bad
+
+
+@pytest.mark.parametrize("nproc, ranks_per_node", [(4, 2), (8, 2)])
+def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node):
+    every = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "hierarchical_traffic",
+                                                                    "ranks_per_node": ranks_per_node},
+                       stream=False, timeout=300).value
+    for rank, result in enumerate(every):
+        for name, r in result.items():
+            sent, back, received, sent_back = r["hier"]
+            # this rank's tokens cross once per (token, remote node) each way; what it forwarded goes back
+            assert sent == back == r["hier_model"] and sent_back == received, (rank, name, r)
+            assert r["flat"] == r["flat_model"], (rank, name, r)  # once per remote (token, slot)
+            assert r["hier_model"] <= r["flat_model"]
+            assert r["same_output"] < 1e-5
+    assert max(r["node-limited M=1"]["max_nodes"] for r in every) == 1  # node-limited: one node per token
+    assert max(r["softmax"]["max_nodes"] for r in every) > 1
+    sent = sum(r["softmax"]["hier"][0] for r in every)
+    assert sent == sum(r["softmax"]["hier"][2] for r in every) and sent > 0  # what leaves arrives
+    assert sum(r["softmax"]["hier_model"] for r in every) < sum(r["softmax"]["flat_model"] for r in every)
+
+
+def test_a_bad_topology_stops_every_rank_before_any_collective():
+    every = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "hierarchical_bad_setup"}, stream=False,
+                       timeout=120).value
+    assert "must be a positive divisor of the world size (4)" in every["R=3"]
+    assert "positive divisor" in every["R=0"]
+    assert "ranks_per_node is for dispatcher 'hierarchical'" in every["R for alltoall"]
+    assert "leave group=None" in every["a group"]
+    assert "dropless" in every["capacity"]
+
+
+def test_node_traffic_by_hand():
+    import torch
+
+    from lessons_lib.lab.node_traffic import nodes_per_token, remote_nodes, remote_pairs, split_bytes_by_link
+
+    ids = torch.tensor([[0, 1, 2], [4, 5, 7], [0, 6, 7]])  # 8 experts on 2 nodes: {0..3} {4..7}
+    assert nodes_per_token(ids, 8, 2).tolist() == [1, 1, 2]
+    assert remote_pairs(ids, 8, 2, node=0) == 0 + 3 + 2
+    assert remote_nodes(ids, 8, 2, node=0) == 0 + 1 + 1
+    assert remote_pairs(ids, 8, 2, node=1) == 3 + 0 + 1 and remote_nodes(ids, 8, 2, node=1) == 2
+    # rank 1 of 4 ranks as 2 × 2: rank 0 shares its node, ranks 2 and 3 do not; its own rows stay put
+    assert split_bytes_by_link([3, 9, 2, 5], rank=1, ranks_per_node=2, row_bytes=10) == {"intra-node": 30,
+                                                                                         "inter-node": 70}
+    with pytest.raises(ValueError, match="divisible"):
+        remote_pairs(ids, 8, 3, node=0)
+
+
+def test_rows_by_link_and_the_time_model_by_hand():
+    import torch
+
+    from lessons_lib.lab.node_traffic import layer_time_us, rows_by_link, tp_time_us
+
+    # 8 experts on 2 nodes × 2 ranks (2 each); rank 1 is node 0's second rank
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    rows = rows_by_link(ids, 8, nodes=2, ranks_per_node=2, rank=1)
+    # token 0 stays on node 0: 2 rows to rank 0 over NVLink; token 1's 4 experts are all on node 1: flat sends
+    # 4 rows over the network, hierarchical 1, which rank 3 then fans out to rank 2 (2 rows over NVLink)
+    assert rows == {"flat": {"inter-node": 4, "intra-node": 2}, "hierarchical": {"inter-node": 1, "intra-node": 4}}
+    # 1 row of 1000 bf16 elements = 2000 bytes: at 50 GB/s 40 ns, at 500 GB/s 4 ns; dispatch + combine
+    assert layer_time_us({"inter-node": 1, "intra-node": 1}, 1000, 2, 500.0, 50.0) == pytest.approx(0.088)
+    assert tp_time_us(1000, 1000, 2, 2, 50.0) == pytest.approx(2 * 0.5 * 2e6 / 50 / 1e3)
