@@ -342,6 +342,21 @@ def main():
         statuses = {name: run_check("03.3", fn)["status"] for name, fn in
                     (("solution", alltoall_backward), ("stub", stub), ("forward instead of backward", forward_instead),
                      ("wrong on one rank", wrong_on_rank_1))}
+        from lessons_lib.course.exercises import inter_node_bytes
+        from lessons_lib.lab.node_traffic import remote_nodes
+
+        def not_reduced(ids, E, R, row_bytes):  # this rank's bytes only
+            return remote_nodes(ids, E, dist.get_world_size() // R, rank // R) * row_bytes
+
+        def pairs_not_nodes(ids, E, R, row_bytes):  # the flat count: every remote (token, slot)
+            per_node = E // (dist.get_world_size() // R)
+            t = torch.tensor([int((ids // per_node != rank // R).sum()) * row_bytes])
+            dist.all_reduce(t)
+            return int(t.item())
+
+        statuses |= {f"09.3 {name}": run_check("09.3", fn)["status"] for name, fn in
+                     (("solution", inter_node_bytes), ("not reduced", not_reduced),
+                      ("pairs, not nodes", pairs_not_nodes))}
         every = [None] * world_size
         dist.all_gather_object(every, statuses)
         assert all(s == every[0] for s in every), every

@@ -343,3 +343,56 @@ def hash_load(token_ids: torch.Tensor, num_experts: int, top_k: int, seed: int) 
 
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_dim=1, ffn_dim=1, router="hash", seed=seed)
     return HashRouter(cfg)(torch.zeros(len(token_ids), 1), token_ids).tokens_per_expert(num_experts)
+
+
+# ---------------------------------------------------------------- lesson 09
+
+@_exercise("09.1", "distinct remote nodes per token",
+           "node of an expert = expert id // (num_experts // nodes); mark each token's nodes in a [T, nodes] "
+           "boolean tensor, clear the column of this rank's own node, sum each row.",
+           lambda: [("random", (torch.randint(16, (6, 4), generator=_g(0)), 16, 4, 1)),
+                    ("all on the own node", (torch.tensor([[0, 1], [2, 3]]), 8, 2, 0)),
+                    ("k experts on one remote node", (torch.tensor([[4, 5, 6, 7]]), 8, 2, 0)),
+                    ("top-1", (torch.randint(8, (5, 1), generator=_g(1)), 8, 4, 3)),
+                    ("no tokens", (torch.zeros(0, 2, dtype=torch.long), 8, 2, 0))])
+def remote_nodes_per_token(expert_ids: torch.Tensor, num_experts: int, nodes: int, node: int) -> torch.Tensor:
+    """[T] how many nodes other than `node` each token's experts [T, k] are on."""
+    from lessons_lib.lab.node_traffic import remote_nodes_per_token as reference
+
+    return reference(expert_ids, num_experts, nodes, node)
+
+
+@_exercise("09.2", "hop 1's split sizes: rows to each node, once per (token, node)",
+           "a token goes to node n once if any of its experts is there: the same [T, nodes] marks as 09.1, "
+           "own node included, summed over the tokens; return a list of ints.",
+           lambda: [("random", (torch.randint(16, (6, 4), generator=_g(0)), 16, 4)),
+                    ("every token to one node", (torch.tensor([[4, 5], [6, 7], [5, 4]]), 8, 2)),
+                    ("one node", (torch.randint(6, (3, 2), generator=_g(1)), 6, 1)),
+                    ("no tokens", (torch.zeros(0, 2, dtype=torch.long), 8, 4))])
+def hop1_splits(expert_ids: torch.Tensor, num_experts: int, nodes: int) -> list:
+    from lessons_lib.moe.dispatch_hierarchical import node_hits
+
+    return node_hits(expert_ids, num_experts // nodes, nodes).sum(0).tolist()
+
+
+def _inter_node_cases():
+    rank, N = dist.get_rank(), dist.get_world_size()
+    device = collective_device()
+    per_node = [R for R in (2, 1, N) if N % R == 0]  # 2 ranks a node where it divides; one rank a node; one node
+    return [(f"{N // R} nodes × {R}", (torch.randint(4 * N, (5 + rank, 3), generator=_g(rank)).to(device), 4 * N,
+                                      R, 7))
+            for R in dict.fromkeys(per_node)]
+
+
+@_exercise("09.3", "the inter-node bytes of one hierarchical dispatch, over all ranks",
+           "this rank's node is rank // ranks_per_node; its bytes are (its tokens' distinct remote nodes, "
+           "summed) · row_bytes (09.1); all_reduce them over every rank and return the total as an int.",
+           _inter_node_cases, collective=True)
+def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, ranks_per_node: int, row_bytes: int) -> int:
+    from lessons_lib.lab.node_traffic import remote_nodes
+
+    rank, nodes = dist.get_rank(), dist.get_world_size() // ranks_per_node
+    mine = torch.tensor([remote_nodes(expert_ids, num_experts, nodes, rank // ranks_per_node) * row_bytes],
+                        device=expert_ids.device)
+    dist.all_reduce(mine)
+    return int(mine.item())

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.dispatch_hierarchical import node_hits
+
 # Bandwidth per GPU and direction, GB/s.
 LINKS = {
     "nvlink_h100": (450.0, "NVLink 4 on H100/H200: 900 GB/s per GPU both directions together (NVIDIA's datasheet)"),
@@ -31,8 +33,15 @@ def node_of(expert_ids: torch.Tensor, num_experts: int, nodes: int) -> torch.Ten
 
 def nodes_per_token(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int) -> torch.Tensor:
     """[T] how many different nodes each token's k experts are on."""
-    hit_TP = torch.zeros(expert_ids_Tk.shape[0], nodes, dtype=torch.bool, device=expert_ids_Tk.device)
-    hit_TP.scatter_(1, node_of(expert_ids_Tk, num_experts, nodes), True)
+    node_of(expert_ids_Tk, num_experts, nodes)  # checks that the nodes split the experts evenly
+    return node_hits(expert_ids_Tk, num_experts // nodes, nodes).sum(1)
+
+
+def remote_nodes_per_token(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, node: int) -> torch.Tensor:
+    """[T] how many nodes other than `node` each token's experts are on: its hop-1 rows over the network."""
+    node_of(expert_ids_Tk, num_experts, nodes)
+    hit_TP = node_hits(expert_ids_Tk, num_experts // nodes, nodes)
+    hit_TP[:, node] = False
     return hit_TP.sum(1)
 
 
@@ -43,10 +52,7 @@ def remote_pairs(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, node
 
 def remote_nodes(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, node: int) -> int:
     """Hierarchical: the rows a rank on `node` sends across the network, one per (token, remote node)."""
-    hit_TP = torch.zeros(expert_ids_Tk.shape[0], nodes, dtype=torch.bool, device=expert_ids_Tk.device)
-    hit_TP.scatter_(1, node_of(expert_ids_Tk, num_experts, nodes), True)
-    hit_TP[:, node] = False
-    return int(hit_TP.sum())
+    return int(remote_nodes_per_token(expert_ids_Tk, num_experts, nodes, node).sum())
 
 
 def split_bytes_by_link(splits: list[int], rank: int, ranks_per_node: int, row_bytes: int) -> dict[str, int]:

@@ -51,6 +51,13 @@ class HierarchicalState(DispatchState):
     ungroup_M: torch.Tensor  # and back
 
 
+def node_hits(expert_ids_Tk: torch.Tensor, experts_per_node: int, nodes: int) -> torch.Tensor:
+    """[T, P] whether token t has any of its k experts on node n (experts placed contiguously, node by node):
+    hop 1 sends token t to node n exactly where this is True, so .sum(0) are hop 1's split sizes."""
+    hit_TP = torch.zeros(expert_ids_Tk.shape[0], nodes, dtype=torch.bool, device=expert_ids_Tk.device)
+    return hit_TP.scatter_(1, expert_ids_Tk // experts_per_node, True)
+
+
 def _exchange_ints(send: torch.Tensor, group) -> torch.Tensor:
     """all_to_all_single of an integer tensor with one row per rank of `group` (no gradient: sizes and ids)."""
     recv = torch.empty_like(send)
@@ -100,8 +107,7 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         node_Tk = ids_Tk // self.experts_per_node
 
         # Hop 1: one row per (token, node its experts live on), ordered by node, then token.
-        hit_TP = torch.zeros(ids_Tk.shape[0], P, dtype=torch.bool, device=x_TH.device)
-        hit_TP.scatter_(1, node_Tk, True)
+        hit_TP = node_hits(ids_Tk, self.experts_per_node, P)
         node_U, token_U = hit_TP.t().nonzero(as_tuple=True)
         on_node_Uk = node_Tk[token_U] == node_U[:, None]
         expert_Uk = torch.where(on_node_Uk, ids_Tk[token_U], -1)
