@@ -80,4 +80,6 @@ def test_rows_by_link_and_the_time_model_by_hand():
     assert rows == {"flat": {"inter-node": 4, "intra-node": 2}, "hierarchical": {"inter-node": 1, "intra-node": 4}}
     # 1 row of 1000 bf16 elements = 2000 bytes: at 50 GB/s 40 ns, at 500 GB/s 4 ns; dispatch + combine
     assert layer_time_us({"inter-node": 1, "intra-node": 1}, 1000, 2, 500.0, 50.0) == pytest.approx(0.088)
+    assert layer_time_us({"inter-node": 1, "intra-node": 1}, 1000, 2, 500.0, 50.0, overlapped=True) == \
+        pytest.approx(0.080)
     assert tp_time_us(1000, 1000, 2, 2, 50.0) == pytest.approx(2 * 0.5 * 2e6 / 50 / 1e3)

@@ -86,12 +86,14 @@ def rows_by_link(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, rank
 
 
 def layer_time_us(rows: dict[str, int], hidden: int, bytes_per_element: int, nvlink_gbs: float,
-                  network_gbs: float) -> float:
+                  network_gbs: float, overlapped: bool = False) -> float:
     """Dispatch + combine time of one layer, in µs, for {"inter-node", "intra-node"} rows of one dispatch (combine
-    moves as many): each link class at its bandwidth, one after the other (a serial bound: overlapping the two
-    links, as DeepEP's kernels do, takes it down towards the larger of the two)."""
+    moves as many), each link class at its bandwidth: one after the other (overlapped False, a serial bound), or
+    both links busy at once, as DeepEP's kernels forward rows while they receive them (True: the larger of the
+    two, the best case)."""
     row = hidden * bytes_per_element
-    return 2 * (rows["inter-node"] * row / network_gbs + rows["intra-node"] * row / nvlink_gbs) / 1e3
+    inter, intra = rows["inter-node"] * row / network_gbs, rows["intra-node"] * row / nvlink_gbs
+    return 2 * (max(inter, intra) if overlapped else inter + intra) / 1e3
 
 
 def tp_time_us(tokens: int, hidden: int, group_size: int, bytes_per_element: int, link_gbs: float) -> float:

@@ -13,8 +13,9 @@ Shapes (the legend of the dispatch and expert-bank modules; a name ends in its s
     M  rows this rank's experts receive, from every rank, grouped by local expert
     N  ranks in the process group
 
-`Dispatcher` is the contract every dispatcher meets (local, allgather, alltoall, tp); `DispatchState` is the base
-of what dispatch hands to combine; `ExpertParallelDispatcher` is what the two EP dispatchers share.
+`Dispatcher` is the contract every dispatcher meets (local, allgather, alltoall, hierarchical, tp);
+`DispatchState` is the base of what dispatch hands to combine; `ExpertParallelDispatcher` is what the EP
+dispatchers share.
 """
 from __future__ import annotations
 
