@@ -453,6 +453,8 @@ def main():
                     with torch.no_grad():
                         _, _, state = layer.dispatch(x, aux.routing)
                     rows["flat"] = split_bytes_by_link(state.in_splits, rank, R, 4 * H)["inter-node"]
+                    # combine sends back what this rank received: its inter-node part, over all ranks, is the same
+                    rows["flat_combine"] = split_bytes_by_link(state.out_splits, rank, R, 4 * H)["inter-node"]
                     rows["flat_model"] = 4 * H * remote_pairs(ids, cfg.num_experts, nodes, rank // R)
                 rows[dispatcher] = y
             rows["same_output"] = (rows.pop("hierarchical") - rows.pop("alltoall")).abs().max().item()

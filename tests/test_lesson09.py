@@ -35,6 +35,8 @@ def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node)
             assert r["same_output"] < 1e-5
     assert max(r["node-limited M=1"]["max_nodes"] for r in every) == 1  # node-limited: one node per token
     assert max(r["softmax"]["max_nodes"] for r in every) > 1
+    for name in ("softmax", "node-limited M=1"):  # flat combine: what crosses back is what crossed out
+        assert sum(r[name]["flat_combine"] for r in every) == sum(r[name]["flat_model"] for r in every)
     sent = sum(r["softmax"]["hier"][0] for r in every)
     assert sent == sum(r["softmax"]["hier"][2] for r in every) and sent > 0  # what leaves arrives
     assert sum(r["softmax"]["hier_model"] for r in every) < sum(r["softmax"]["flat_model"] for r in every)
