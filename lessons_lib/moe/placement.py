@@ -1,0 +1,123 @@
+"""Redundant experts: which logical expert each physical slot holds (lesson 10).
+
+Under EP the busiest rank sets the pace (lesson 06). What balancing leaves over, a deployment evens out by giving
+the hottest experts extra replicas and placing the replicas so that every rank carries about the same load; an
+expert's tokens are split evenly over its replicas. `place_experts` does it in two steps:
+
+1. **replicas**: every expert gets one slot; each spare slot goes, one at a time, to the expert whose load per
+   replica is then the largest. This makes the largest load per replica as small as it can be for that many
+   slots (a heap, highest first);
+2. **packing**: the replicas, heaviest first, each go to the rank with the least load that still has a free slot
+   and does not hold that expert yet (two replicas on one rank would split nothing), a rank that holds it only
+   when no other is free. Largest-first greedy packing is a classic heuristic for minimising the busiest bin
+   (Graham's LPT rule).
+
+With `ranks_per_node` (lesson 09) experts stay on their node: node n keeps its contiguous block of experts (so
+node-limited routing still reaches them within M nodes) and both steps run inside each node, over its slots and
+ranks. DeepSeek's open EPLB balances its hierarchical variant the same way round (groups to nodes, then replicas
+and GPUs inside each node); this is the course's own, simpler version.
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+
+def _check(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int) -> None:
+    if load_E.dim() != 1 or load_E.numel() == 0:
+        raise ValueError(f"load must be a 1-d tensor with one entry per expert, got shape {list(load_E.shape)}")
+    if not torch.isfinite(load_E).all() or (load_E < 0).any():
+        raise ValueError("every expert's load must be finite and >= 0")
+    if num_ranks <= 0 or slots_per_rank <= 0:
+        raise ValueError(f"num_ranks and slots_per_rank must be positive, got {num_ranks} and {slots_per_rank}")
+    if num_ranks * slots_per_rank < load_E.numel():
+        raise ValueError(f"{num_ranks} ranks × {slots_per_rank} slots = {num_ranks * slots_per_rank} slots cannot hold "
+                         f"the {load_E.numel()} experts: every expert needs a slot")
+
+
+def replica_counts(load_E: torch.Tensor, num_slots: int) -> list[int]:
+    """How many replicas each expert gets out of num_slots: one each, then every spare slot to the expert with the
+    largest load per replica (ties: the lower expert id)."""
+    load = load_E.double().tolist()
+    replicas = [1] * len(load)
+    heap = [(-w, e) for e, w in enumerate(load)]
+    heapq.heapify(heap)
+    for _ in range(num_slots - len(load)):
+        _, e = heapq.heappop(heap)
+        replicas[e] += 1
+        heapq.heappush(heap, (-load[e] / replicas[e], e))
+    return replicas
+
+
+def _pack(experts: list[int], load: list[float], replicas: list[int], num_ranks: int,
+          slots_per_rank: int) -> list[list[int]]:
+    """Largest-first greedy packing of these experts' replicas onto num_ranks ranks of slots_per_rank slots."""
+    items = [(load[e] / replicas[e], e) for e in experts for _ in range(replicas[e])]
+    items.sort(key=lambda t: (-t[0], t[1]))
+    slots = [[] for _ in range(num_ranks)]
+    rank_load = [0.0] * num_ranks
+    for w, e in items:
+        free = [r for r in range(num_ranks) if len(slots[r]) < slots_per_rank]
+        fresh = [r for r in free if e not in slots[r]] or free
+        r = min(fresh, key=lambda r: (rank_load[r], r))
+        slots[r].append(e)
+        rank_load[r] += w
+    return [sorted(s) for s in slots]
+
+
+def place_experts(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int,
+                  ranks_per_node: int | None = None) -> torch.Tensor:
+    """[num_ranks, slots_per_rank] int64: the logical expert each physical slot holds, for per-expert loads [E]
+    (token counts or a moving average). Every expert gets at least one slot; see the module for the algorithm.
+    ValueError for too few slots, a negative load, a wrong shape, or nodes that do not split ranks and experts."""
+    _check(load_E, num_ranks, slots_per_rank)
+    E = load_E.numel()
+    load = load_E.double().tolist()
+    R = num_ranks if ranks_per_node is None else ranks_per_node
+    if R <= 0 or num_ranks % R or E % (num_ranks // R):
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide the ranks ({num_ranks}), and the nodes "
+                         f"the experts ({E})")
+    nodes, per_node = num_ranks // R, E // (num_ranks // R)
+    if R * slots_per_rank < per_node:
+        raise ValueError(f"a node's {R * slots_per_rank} slots cannot hold its {per_node} experts")
+    out = []
+    for n in range(nodes):
+        experts = list(range(n * per_node, (n + 1) * per_node))
+        counts = replica_counts(load_E[experts], R * slots_per_rank)
+        replicas = [0] * E
+        for e, c in zip(experts, counts):
+            replicas[e] = c
+        out += _pack(experts, load, replicas, R, slots_per_rank)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def rank_loads(placement: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
+    """[num_ranks] the load each rank carries under a placement, an expert's load split evenly over its slots."""
+    replicas = torch.bincount(placement.flatten(), minlength=load_E.numel())
+    if (replicas == 0).any():
+        raise ValueError(f"experts {torch.nonzero(replicas == 0).flatten().tolist()} have no slot")
+    return (load_E.double() / replicas)[placement].sum(1)
+
+
+def contiguous_placement(num_experts: int, num_ranks: int) -> torch.Tensor:
+    """The course's placement until lesson 10: rank r holds experts r·E/N … (r+1)·E/N − 1, one slot each."""
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
+    return torch.arange(num_experts).view(num_ranks, -1)
+
+
+def greedy_placement(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
+    """A simple baseline: the same replicas, each expert's replicas dealt in expert order to the least-loaded
+    rank with a free slot (no sorting). place_experts should never do worse."""
+    _check(load_E, num_ranks, slots_per_rank)
+    load = load_E.double().tolist()
+    counts = replica_counts(load_E, num_ranks * slots_per_rank)
+    slots = [[] for _ in range(num_ranks)]
+    rank_load = [0.0] * num_ranks
+    for e, c in enumerate(counts):
+        for _ in range(c):
+            r = min((r for r in range(num_ranks) if len(slots[r]) < slots_per_rank), key=lambda r: (rank_load[r], r))
+            slots[r].append(e)
+            rank_load[r] += load[e] / c
+    return torch.tensor([sorted(s) for s in slots], dtype=torch.long)

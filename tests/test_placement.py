@@ -1,0 +1,77 @@
+"""Lesson 10's placement of redundant experts: the bound of the issue, the baseline, the node variant, the errors."""
+import pytest
+import torch
+
+from lessons_lib.moe.placement import contiguous_placement, greedy_placement, place_experts, rank_loads, replica_counts
+
+
+def zipf_load(E, s, seed, total=100_000.0):
+    """Per-expert loads with Zipf popularity (the r-th most popular ∝ 1/r^s), expert order shuffled."""
+    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    return (p / p.sum() * total)[torch.randperm(E, generator=torch.Generator().manual_seed(seed))]
+
+
+def max_over_mean(placement, load):
+    loads = rank_loads(placement, load)
+    return (loads.max() / loads.mean()).item()
+
+
+@pytest.mark.parametrize("s, contiguous", [(1.0, 2.0), (1.2, 2.6)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_spare_slot_per_rank_brings_64_zipf_experts_on_8_ranks_within_2_percent(s, contiguous, seed):
+    load = zipf_load(64, s, seed)
+    before = max_over_mean(contiguous_placement(64, 8), load)
+    assert abs(before - contiguous) < 0.2, before  # the problem: one expert per slot, contiguous, as until now
+    placement = place_experts(load, 8, 9)
+    assert placement.shape == (8, 9)
+    assert torch.bincount(placement.flatten(), minlength=64).min() >= 1  # every expert has a slot
+    after = max_over_mean(placement, load)
+    assert after <= 1.02, after
+    assert after <= max_over_mean(greedy_placement(load, 8, 9), load) + 1e-12
+    for extra in (0, 2, 4):
+        p = place_experts(load, 8, 8 + extra)
+        assert max_over_mean(p, load) <= max_over_mean(greedy_placement(load, 8, 8 + extra), load) + 1e-12
+
+
+def test_replicas_go_to_the_heaviest_load_per_replica_and_never_twice_to_one_rank_if_avoidable():
+    load = torch.tensor([90.0, 30.0, 20.0, 10.0])
+    assert replica_counts(load, 6) == [3, 1, 1, 1]  # both spare slots to expert 0: 90 -> 45 -> 30 per replica
+    p = place_experts(load, num_ranks=3, slots_per_rank=2)
+    # expert 0's three replicas (30 each) on three different ranks; then four items of 30 on 3 ranks put two on
+    # one rank whatever the packing, so 60 is the best busiest rank, and the 20 and 10 go to the other two
+    assert sorted((p == 0).sum(1).tolist()) == [1, 1, 1]
+    assert sorted(rank_loads(p, load).tolist()) == [40.0, 50.0, 60.0]
+
+
+def test_the_node_variant_keeps_every_expert_on_its_node():
+    load = zipf_load(64, 1.2, 0)
+    p = place_experts(load, 8, 9, ranks_per_node=4)  # 2 nodes of 4 ranks: experts 0-31 and 32-63
+    assert (p[:4] < 32).all() and (p[4:] >= 32).all()
+    assert torch.bincount(p.flatten(), minlength=64).min() >= 1
+    # balanced within each node as far as its own experts allow: no worse than the contiguous placement
+    assert max_over_mean(p, load) < max_over_mean(contiguous_placement(64, 8), load)
+
+
+def test_a_zero_load_and_a_uniform_load_are_placed_evenly():
+    p = place_experts(torch.zeros(8), 4, 2)
+    assert sorted(p.flatten().tolist()) == list(range(8))
+    assert max_over_mean(place_experts(torch.ones(16), 4, 4), torch.ones(16)) == 1.0
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.ones(8), 2, 3), "cannot hold"),
+    ((torch.tensor([1.0, -1.0]), 2, 1), ">= 0"),
+    ((torch.ones(2, 4), 2, 4), "1-d"),
+    ((torch.ones(8), 0, 4), "positive"),
+    ((torch.tensor([1.0, float("nan")]), 2, 1), "finite"),
+])
+def test_bad_input_is_a_clear_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        place_experts(*args)
+
+
+def test_bad_nodes_are_a_clear_error():
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        place_experts(torch.ones(8), 4, 2, ranks_per_node=3)
+    with pytest.raises(ValueError, match="no slot"):
+        rank_loads(torch.tensor([[0, 0], [1, 1]]), torch.ones(3))
