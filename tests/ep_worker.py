@@ -122,6 +122,79 @@ def hierarchical_cases(N, R):
     yield "loop", MoEConfig(**base, router="hash", shared_ffn_dim=8), "hash", [6] * N, "random"
 
 
+def placement_cases(N):
+    """(bank, config, case, placement, tokens per rank, routing) for lesson 10's replicas on N ranks."""
+    from lessons_lib.moe.placement import place_experts
+
+    E = 2 * N
+    gelu = MoEConfig(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32)
+    swiglu = MoEConfig(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu", shared_ffn_dim=8)
+    contiguous = torch.arange(E).view(N, -1)
+    # the last expert (lesson 02's "one_expert" routing sends every token there) on every rank; the last rank,
+    # which has it already, gets another copy of expert 0
+    hot = torch.cat([contiguous, torch.full((N, 1), E - 1)], dim=1)
+    hot[-1, -1] = 0
+    skewed = place_experts(torch.tensor([100.0, 60.0] + [1.0] * (E - 2)), N, 3)  # 2-3 replicas for two experts
+    if N > 1:  # the last rank holds nothing but copies of experts the other ranks hold too
+        only_copies = torch.cat([torch.arange(E - 2).view(N - 1, 2), torch.tensor([[0, 1]])])
+        only_copies_E = E - 2
+    cases = [("no replica", contiguous, [8] * N, "random"), ("hot expert on every rank", hot, [8] * N, "random"),
+             ("every token to the replicated expert", hot, [8] * N, "one_expert"),
+             ("several experts with 2-3 replicas", skewed, [5 + 3 * r for r in range(N)], "random"),
+             ("a rank with no tokens", skewed, [0] + [8] * (N - 1), "random")]
+    for bank in ("loop", "grouped"):
+        for cfg in (gelu, swiglu):
+            for case, placement, tokens, routing in cases:
+                yield bank, cfg, f"{cfg.activation}: {case}", placement, tokens, routing
+            if N > 1:
+                yield (bank, MoEConfig(**{**cfg.__dict__, "num_experts": only_copies_E}),
+                       f"{cfg.activation}: a rank with only copies", only_copies, [8] * N, "random")
+
+
+def placement_training(rank, N, device, steps=20):
+    """The same SGD run (momentum) with and without a placement, re-placed halfway: the weights at the end."""
+    from lessons_lib.moe.distributed import all_reduce_grads
+    from lessons_lib.moe.init import init_full_state_dict
+    from lessons_lib.moe.placement import place_experts
+
+    E = 2 * N
+    cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+    sd = init_full_state_dict(cfg)
+    first = place_experts(torch.tensor([50.0] + [1.0] * (E - 1)), N, 3)
+    second = place_experts(torch.tensor([1.0] * (E - 1) + [50.0]), N, 3)
+    layers = {"plain": MoELayer(cfg, "alltoall", "grouped"), "placed": MoELayer(cfg, "alltoall", "grouped",
+                                                                                 placement=first)}
+    opts = {}
+    for name, layer in layers.items():
+        layer.load_full_state_dict(sd)
+        opts[name] = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)
+    losses = {name: [] for name in layers}
+    for step in range(steps):
+        x, target = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+        if step == steps // 2:
+            layers["placed"].set_placement(second, opts["placed"])
+        for name, layer in layers.items():
+            y, _ = layer(x)
+            loss = ((y - target) ** 2).mean()
+            opts[name].zero_grad()
+            loss.backward()
+            all_reduce_grads(layer.replicated_parameters())
+            if layer.replicas is not None:
+                layer.sum_replica_grads()
+            opts[name].step()
+            losses[name].append(loss.item())
+    plain, placed = layers["plain"], layers["placed"]
+    worst = 0.0
+    for name, p in placed.experts.named_parameters():
+        full = [torch.empty_like(getattr(plain.experts, name)) for _ in range(N)]
+        dist.all_gather(full, getattr(plain.experts, name).detach())
+        logical = torch.cat(full)[placed.replicas.mine]  # what each of this rank's slots should hold
+        worst = max(worst, ((p.detach() - logical).abs().max() / logical.abs().max()).item())
+    loss_diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["placed"]))
+    return {"worst_weight": worst, "loss_diff": loss_diff, "moved": not torch.equal(first, second)}
+
+
 def overlap_bitwise(rank, N, device):
     """Outputs and every gradient, overlap on vs off, compared with torch.equal on every rank."""
     from lessons_lib.lab.equivalence import adversarial_inputs, adversarial_token_ids
@@ -426,6 +499,18 @@ def main():
             errors = compare_with_single_device(cfg, "hierarchical", bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, ranks_per_node=p["ranks_per_node"])
             result.append({"experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "placement":  # lesson 10: replicas against the single-device layer
+        GroupedExperts.use_reference_kernel = True
+        result = []
+        for bank, cfg, name, placement, tokens, routing in placement_cases(world_size):
+            errors = compare_with_single_device(cfg, "alltoall", bank, tokens_per_rank=tokens, routing=routing,
+                                                device=device, placement=placement)
+            result.append({"experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "placement_training":
+        result = placement_training(rank, world_size, device)
+        every = [None] * world_size
+        dist.all_gather_object(every, result)
+        result = every
     elif p["mode"] == "hierarchical_traffic":  # lesson 09: counted inter-node bytes against the model, exactly
         from lessons_lib.lab.node_traffic import remote_nodes, remote_pairs, split_bytes_by_link
         from lessons_lib.moe.init import init_full_state_dict

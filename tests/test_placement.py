@@ -75,3 +75,39 @@ def test_bad_nodes_are_a_clear_error():
         place_experts(torch.ones(8), 4, 2, ranks_per_node=3)
     with pytest.raises(ValueError, match="no slot"):
         rank_loads(torch.tensor([[0, 0], [1, 1]]), torch.ones(3))
+
+
+def test_replicas_share_an_experts_pairs_evenly_and_map_to_its_slots():
+    from lessons_lib.moe.placement import Replicas
+
+    placement = torch.tensor([[0, 1, 3], [2, 3, 3]])  # expert 3 in slots 2, 4, 5
+    rep = Replicas(placement, num_experts=4, rank=1, world_size=2)
+    assert rep.slots_ER[3].tolist() == [2, 4, 5] and rep.slots_ER[0].tolist() == [0, -1, -1]
+    ids = torch.tensor([[3, 0], [3, 1], [3, 2], [3, 0], [3, 1], [3, 2]])
+    phys = rep.physical(ids)
+    assert sorted(phys[:, 0].tolist()) == [2, 2, 4, 4, 5, 5]  # six pairs of expert 3: two per replica
+    assert phys[0, 0].item() == 4  # rank 1 starts on replica 1
+    assert (placement.flatten()[phys] == ids).all()  # every pair lands on a slot of its own expert
+    assert rep.mine.tolist() == [2, 3, 3] and rep.first_of_mine.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("placement, match", [
+    (torch.tensor([[0, 1], [1, 1]]), "no slot"),
+    (torch.tensor([[0, 1, 2, 3]]), "ranks=2"),
+    (torch.tensor([[0, 1], [2, 4]]), "expert ids 0..3"),
+])
+def test_a_bad_placement_is_a_clear_error(placement, match):
+    from lessons_lib.moe.placement import Replicas
+
+    with pytest.raises(ValueError, match=match):
+        Replicas(placement, num_experts=4, rank=0, world_size=2)
+
+
+def test_a_placement_needs_the_alltoall_dispatcher_and_set_placement_a_placement():
+    from lessons_lib import MoEConfig, MoELayer
+
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=8)
+    with pytest.raises(ValueError, match="needs dispatcher 'alltoall'"):
+        MoELayer(cfg, "local", placement=torch.arange(4).view(1, 4))
+    with pytest.raises(ValueError, match="built with a placement"):
+        MoELayer(cfg).set_placement(torch.arange(4).view(1, 4))

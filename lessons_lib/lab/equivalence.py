@@ -134,7 +134,7 @@ def _slice(ids, lo, hi):
 def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "loop",
                                tokens_per_rank: list[int] | None = None, routing: str = "random",
                                group=None, seed: int = 0, device=None, overlap: bool = True,
-                               ranks_per_node: int | None = None) -> dict[str, float]:
+                               ranks_per_node: int | None = None, placement=None) -> dict[str, float]:
     """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
     layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
 
@@ -150,7 +150,8 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     sd, X, G = {k: v.to(device) for k, v in sd.items()}, X.to(device), G.to(device)
     ids = _token_ids(cfg, tokens_per_rank, routing, N, seed, device)
 
-    layer = MoELayer(cfg, dispatcher, experts, group=group, overlap=overlap, ranks_per_node=ranks_per_node).to(device)
+    layer = MoELayer(cfg, dispatcher, experts, group=group, overlap=overlap, ranks_per_node=ranks_per_node,
+                     placement=placement).to(device)
     layer.load_full_state_dict(sd)
     replicated = layer.dispatcher.replicated_tokens
 
@@ -177,6 +178,10 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
         errors[f"grad_{name}"] = relative_error(grad, reference_params[name].grad)
     e = layer.experts.experts
     for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
+        if layer.replicas is not None:  # lesson 10: each logical expert's gradient is the sum over its replicas
+            errors[f"grad_experts.{name}"] = relative_error(layer.replicas.logical(p.grad, group),
+                                                            getattr(reference.experts, name).grad)
+            continue
         ref = layer.experts.shard(name, getattr(reference.experts, name).grad[e.start:e.stop])
         errors[f"grad_experts.{name}"] = relative_error(p.grad, ref)
     worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)

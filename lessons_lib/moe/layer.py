@@ -12,6 +12,7 @@ hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 09's di
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +25,14 @@ from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_local import LocalDispatcher
 from .dispatcher import Dispatcher, DispatchState
+from .distributed import rank_and_size
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
 from .hash_router import HashRouter
 from .init import expert_weight_shapes
 from .load_balancing import SigmoidBiasRouter, router_z_loss
 from .overlap import SharedBeside
+from .placement import Replicas
 from .router import Routing, TopKRouter, load_balancing_loss
 from .shared_expert import SharedExpert
 from .tensor_parallel import TensorParallelDispatcher
@@ -106,7 +109,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None,
-                 overlap: bool = True, ranks_per_node: int | None = None):
+                 overlap: bool = True, ranks_per_node: int | None = None, placement: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.overlap = overlap
@@ -114,11 +117,19 @@ class MoELayer(nn.Module):
         if ranks_per_node is not None and dispatcher != "hierarchical":
             raise ValueError(f"ranks_per_node is for dispatcher 'hierarchical' (lesson 09), not {dispatcher!r}")
         extra = {"ranks_per_node": ranks_per_node} if dispatcher == "hierarchical" else {}
-        self.dispatcher: Dispatcher = kind(cfg, group, **extra)
+        self.replicas, slots_cfg = None, cfg
+        if placement is not None:  # lesson 10: the dispatcher and the bank see one "expert" per physical slot
+            if dispatcher != "alltoall" or cfg.capacity_factor is not None:
+                raise ValueError("a placement (lesson 10) needs dispatcher 'alltoall' and no capacity_factor")
+            self.replicas = Replicas(placement, cfg.num_experts, *rank_and_size(group))
+            slots_cfg = dataclasses.replace(cfg, num_experts=len(self.replicas.slot_expert), router="softmax_topk",
+                                            num_groups=1, topk_groups=None, routed_scaling_factor=1.0)
+        self.dispatcher: Dispatcher = kind(slots_cfg, group, **extra)
         self.router = ROUTERS[cfg.router](cfg)
         # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
         # part of each expert's inner dimension); the bank holds just those weights.
-        self.experts = _pick("experts", experts, EXPERT_BANKS)(cfg, self.dispatcher.experts, self.dispatcher.ffn_slice)
+        self.experts = _pick("experts", experts, EXPERT_BANKS)(slots_cfg, self.dispatcher.experts,
+                                                                self.dispatcher.ffn_slice)
         self.shared = SharedExpert(cfg) if cfg.shared_ffn_dim is not None else None
 
     def forward(self, x_TH: torch.Tensor, token_ids: torch.Tensor | None = None):
@@ -138,6 +149,8 @@ class MoELayer(nn.Module):
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside: SharedBeside | None = None):
         """Step 2: the rows of this rank's experts, grouped by local expert -> (rows_MH, counts_L, state);
         `beside` (lesson 08's shared expert) runs while they travel."""
+        if self.replicas is not None:  # lesson 10: each pair goes to one replica of its expert
+            routing = dataclasses.replace(routing, expert_ids=self.replicas.physical(routing.expert_ids))
         return self.dispatcher.dispatch(x_TH, routing, beside)
 
     def run_experts(self, rows_MH: torch.Tensor, counts_L: torch.Tensor, state: DispatchState) -> torch.Tensor:
@@ -203,6 +216,31 @@ class MoELayer(nn.Module):
         return None
 
     @torch.no_grad()
+    def sum_replica_grads(self) -> None:
+        """Lesson 10: the replicas of one expert saw different tokens; give each the sum of all its replicas'
+        gradients, so that the same optimizer step keeps them equal. One all-reduce of an [E, ...] buffer per
+        weight over the group (every expert's replicas summed at once)."""
+        for p in self.experts.parameters():
+            if p.grad is not None:
+                p.grad.copy_(self.replicas.logical(p.grad, self.dispatcher.group)[self.replicas.mine.to(p.device)])
+
+    @torch.no_grad()
+    def set_placement(self, placement: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Lesson 10: move to a new placement between steps, as a deployment does when the load shifts. Every
+        slot gets its new expert's weights (and, given the optimizer, that expert's optimizer state), taken from
+        the expert's first replica under the old placement. Every rank of the group calls it together."""
+        if self.replicas is None:
+            raise ValueError("set_placement needs a layer built with a placement: MoELayer(..., placement=P)")
+        new = Replicas(placement, self.cfg.num_experts, *rank_and_size(self.dispatcher.group))
+        if new.mine.shape != self.replicas.mine.shape:
+            raise ValueError(f"a new placement keeps {len(self.replicas.mine)} slots per rank, got {len(new.mine)}")
+        for p in self.experts.parameters():
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for t in [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]:
+                t.copy_(self.replicas.logical(t, self.dispatcher.group, first_only=True)[new.mine.to(t.device)])
+        self.replicas = new
+
+    @torch.no_grad()
     def load_full_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load the unsharded weights (`lessons_lib.moe.init.init_full_state_dict` names and shapes),
         keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
@@ -222,6 +260,8 @@ class MoELayer(nn.Module):
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
             if name.startswith("experts."):
+                if self.replicas is not None:  # lesson 10: every slot holds its logical expert's weights
+                    full = full[self.replicas.slot_expert.to(full.device)]
                 mine = self.experts.experts
                 full = self.experts.shard(name.removeprefix("experts."), full[mine.start : mine.stop])
             p.copy_(full)

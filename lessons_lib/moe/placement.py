@@ -121,3 +121,64 @@ def greedy_placement(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int) 
             slots[r].append(e)
             rank_load[r] += load[e] / c
     return torch.tensor([sorted(s) for s in slots], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- the layer's side: replicas of logical experts
+
+class Replicas:
+    """A placement in use: physical slot p = rank · slots_per_rank + j holds logical expert slot_expert[p].
+
+    The layer routes over logical experts, then `physical` sends each (token, expert) pair to one of the expert's
+    replicas; from there on the all-to-all dispatcher and the bank see one "expert" per physical slot.
+    """
+
+    def __init__(self, placement: torch.Tensor, num_experts: int, rank: int, world_size: int):
+        placement = torch.as_tensor(placement, dtype=torch.long).cpu()
+        if placement.dim() != 2 or placement.shape[0] != world_size:
+            raise ValueError(f"a placement is [ranks={world_size}, slots_per_rank], got shape {list(placement.shape)}")
+        if placement.numel() and (placement.min() < 0 or placement.max() >= num_experts):
+            raise ValueError(f"a placement holds expert ids 0..{num_experts - 1}")
+        count_E = torch.bincount(placement.flatten(), minlength=num_experts)
+        if (count_E == 0).any():
+            raise ValueError(f"experts {torch.nonzero(count_E == 0).flatten().tolist()} have no slot in the placement")
+        self.placement, self.num_experts, self.rank = placement, num_experts, rank
+        self.slot_expert = placement.flatten()  # [N·S] physical slot -> logical expert
+        self.count_E = count_E  # replicas of each expert
+        # [E, most replicas] the physical slots of each expert's replicas, in slot order (-1: none)
+        order = torch.argsort(self.slot_expert, stable=True)
+        position = torch.arange(len(order)) - (torch.cumsum(count_E, 0) - count_E)[self.slot_expert[order]]
+        self.slots_ER = torch.full((num_experts, int(count_E.max())), -1, dtype=torch.long)
+        self.slots_ER[self.slot_expert[order], position] = order
+        self.mine = placement[rank]  # [S] the logical expert of each of this rank's slots
+        # the first replica of each expert stands for it when the weights move (they are all equal)
+        self.first_of_mine = self.slots_ER[self.mine, 0] == torch.arange(rank * len(self.mine),
+                                                                       (rank + 1) * len(self.mine))
+
+    def physical(self, expert_ids_Tk: torch.Tensor) -> torch.Tensor:
+        """The physical slot each (token, slot) pair goes to: the pairs of expert e on this rank, in (token, slot)
+        order, take e's replicas in turn, starting from replica `rank` mod its count (so that every rank does
+        not start on the same one)."""
+        device = expert_ids_Tk.device
+        flat = expert_ids_Tk.flatten()
+        count = self.count_E.to(device)
+        order = torch.argsort(flat, stable=True)
+        starts = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0) - torch.bincount(
+            flat, minlength=self.num_experts)
+        position = torch.empty_like(flat)
+        position[order] = torch.arange(len(flat), device=device) - starts[flat[order]]
+        replica = (position + self.rank) % count[flat]
+        return self.slots_ER.to(device)[flat, replica].view_as(expert_ids_Tk)
+
+    def logical(self, slot_tensor: torch.Tensor, group=None, first_only: bool = False) -> torch.Tensor:
+        """[E, ...] from this rank's [S, ...]: summed over every rank's replicas of each expert (a gradient), or,
+        with first_only, each expert's first replica alone (its weights, equal in every replica). One all-reduce
+        of an [E, ...] buffer over the group."""
+        import torch.distributed as dist
+
+        keep = self.first_of_mine.to(slot_tensor.device) if first_only else None
+        buf = slot_tensor.new_zeros(self.num_experts, *slot_tensor.shape[1:])
+        mine = self.mine.to(slot_tensor.device)
+        src = slot_tensor if keep is None else slot_tensor * keep.view(-1, *[1] * (slot_tensor.dim() - 1))
+        buf.index_add_(0, mine, src)
+        dist.all_reduce(buf, group=group)
+        return buf
