@@ -54,12 +54,14 @@ def make_adamw(params, lr: float = 1e-3) -> torch.optim.Optimizer:
 
 
 def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group=None, seed: int = 0,
-                     collective: bool | None = None, x: torch.Tensor | None = None) -> list[float]:
+                     collective: bool | None = None, x: torch.Tensor | None = None,
+                     after_backward=None) -> list[float]:
     """Milliseconds per training step (forward, backward, AdamW) of `layer` on `tokens` random tokens
     (or on the given inputs `x`), the slowest rank's time for each of `steps` steps after `warmup` untimed ones.
 
     collective: whether the ranks must agree on each step's time (default: when torch.distributed
     is initialized); every rank of `group` then has to call this together.
+    after_backward: called between backward and the optimizer step (lesson 10: `MoELayer.sum_replica_grads`).
     """
     device = next(layer.parameters()).device
     dtype = layer.cfg.torch_dtype
@@ -74,6 +76,8 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
         loss = torch.nn.functional.mse_loss(y, target) + 0.01 * aux.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
 
     return timed_runs(step, steps, warmup, device, group, collective)

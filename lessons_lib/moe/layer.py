@@ -218,11 +218,11 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def sum_replica_grads(self) -> None:
         """Lesson 10: the replicas of one expert saw different tokens; give each the sum of all its replicas'
-        gradients, so that the same optimizer step keeps them equal. One all-reduce of an [E, ...] buffer per
-        weight over the group (every expert's replicas summed at once)."""
+        gradients, so that the same optimizer step keeps them equal. One all-reduce per weight over the group,
+        of a buffer with a row per replicated expert only (`Replicas.sum_over_replicas`)."""
         for p in self.experts.parameters():
             if p.grad is not None:
-                p.grad.copy_(self.replicas.logical(p.grad, self.dispatcher.group)[self.replicas.mine.to(p.device)])
+                p.grad.copy_(self.replicas.sum_over_replicas(p.grad, self.dispatcher.group))
 
     @torch.no_grad()
     def set_placement(self, placement: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:

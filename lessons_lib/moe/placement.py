@@ -150,6 +150,10 @@ class Replicas:
         self.slots_ER = torch.full((num_experts, int(count_E.max())), -1, dtype=torch.long)
         self.slots_ER[self.slot_expert[order], position] = order
         self.mine = placement[rank]  # [S] the logical expert of each of this rank's slots
+        # the experts with more than one replica, numbered 0.. in a compact index (-1: a single copy)
+        self.replicated = torch.nonzero(count_E > 1).flatten()
+        self.compact_E = torch.full((num_experts,), -1, dtype=torch.long)
+        self.compact_E[self.replicated] = torch.arange(len(self.replicated))
         # the first replica of each expert stands for it when the weights move (they are all equal)
         self.first_of_mine = self.slots_ER[self.mine, 0] == torch.arange(rank * len(self.mine),
                                                                        (rank + 1) * len(self.mine))
@@ -182,3 +186,20 @@ class Replicas:
         buf.index_add_(0, mine, src)
         dist.all_reduce(buf, group=group)
         return buf
+
+    def sum_over_replicas(self, slot_tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """This rank's [S, ...] with every slot of a replicated expert replaced by the sum over all of that
+        expert's replicas (their gradients, lesson 10's training); single copies are left as they are. One
+        all-reduce of a buffer with a row per replicated expert only, and none when nothing is replicated."""
+        import torch.distributed as dist
+
+        if len(self.replicated) == 0:  # every rank has the same placement, so every rank skips it
+            return slot_tensor
+        index = self.compact_E.to(slot_tensor.device)[self.mine.to(slot_tensor.device)]
+        keep = index >= 0
+        buf = slot_tensor.new_zeros(len(self.replicated), *slot_tensor.shape[1:])
+        buf.index_add_(0, index[keep], slot_tensor[keep])
+        dist.all_reduce(buf, group=group)
+        out = slot_tensor.clone()
+        out[keep] = buf[index[keep]]
+        return out

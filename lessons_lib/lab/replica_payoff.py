@@ -1,0 +1,96 @@
+"""What replicas buy and cost (lesson 10): the busiest rank's rows and step time before and after a placement, and
+the memory one replica takes.
+
+`skewed_layer_loads` steers a share of every rank's tokens to one expert (as lesson 06 steers them to one rank)
+and reads the per-expert load the router really produced. `step_time_with_placements` then trains the same layer
+with each placement and reports, per placement, the rows each rank's experts really received (the dispatcher's
+split sizes) and the median step time of the slowest rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..moe.config import MoEConfig
+from ..moe.distributed import rank_and_size
+from ..moe.init import expert_weight_shapes, init_full_state_dict
+from ..moe.layer import MoELayer
+from .timing import median, timed_runs, train_step_times
+
+HOT = 30.0  # the logit the steered tokens give the hot expert: decides their first choice outright
+
+
+def _steered_inputs(cfg: MoEConfig, tokens: int, hot_share: float, rank: int) -> torch.Tensor:
+    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(1000 + rank))
+    x[:, 0] = 0.0
+    x[: round(tokens * hot_share), 0] = 1.0  # feature 0 marks the steered tokens
+    return x
+
+
+def _steer(layer: MoELayer, hot_expert: int) -> None:
+    with torch.no_grad():
+        layer.router.weight[:, 0] = 0.0
+        layer.router.weight[hot_expert, 0] = HOT
+
+
+def skewed_layer_loads(cfg: MoEConfig, tokens: int, hot_share: float, hot_expert: int = 0, group=None,
+                       device=None) -> torch.Tensor:
+    """[E] (token, slot) pairs per expert over all ranks when hot_share of every rank's tokens pick hot_expert
+    first (the rest route freely). Every rank of `group` calls it together."""
+    rank, _ = rank_and_size(group)
+    device = device if device is not None else torch.device("cpu")
+    layer = MoELayer(cfg).to(device)
+    layer.load_full_state_dict(init_full_state_dict(cfg))
+    _steer(layer, hot_expert)
+    with torch.no_grad():
+        routing = layer.route(_steered_inputs(cfg, tokens, hot_share, rank).to(device, cfg.torch_dtype))
+    load = routing.tokens_per_expert(cfg.num_experts)
+    dist.all_reduce(load, group=group)
+    return load
+
+
+def step_time_with_placements(cfg: MoEConfig, tokens: int, hot_share: float, placements: dict, hot_expert: int = 0,
+                              experts: str = "loop", steps: int = 10, warmup: int = 3, group=None,
+                              device=None) -> dict:
+    """{name: {"rows_per_rank": [N] rows each rank's experts received, "busiest_over_mean", "step_ms",
+    "forward_ms"}} for each placement (None: no placement, the contiguous experts of lesson 03), on the steered
+    tokens of `skewed_layer_loads`: the median training step with AdamW (replica gradients summed each step), and
+    the median forward alone, as when serving. Every rank of `group` calls it together; rank 0 prints a line per
+    placement."""
+    rank, N = rank_and_size(group)
+    device = device if device is not None else torch.device("cpu")
+    sd = init_full_state_dict(cfg)
+    x = _steered_inputs(cfg, tokens, hot_share, rank).to(device, cfg.torch_dtype)
+    out = {}
+    for name, placement in placements.items():
+        layer = MoELayer(cfg, "alltoall", experts, group=group, placement=placement).to(device)
+        layer.load_full_state_dict(sd)
+        _steer(layer, hot_expert)
+        with torch.no_grad():
+            _, _, state = layer.dispatch(x, layer.route(x))
+        received = torch.tensor([sum(state.out_splits)], device=device)
+        every = [torch.zeros_like(received) for _ in range(N)]
+        dist.all_gather(every, received, group=group)
+        rows = [int(r) for r in every]
+        # with replicas, a training step also sums the replicas' gradients, as training must
+        sync = layer.sum_replica_grads if layer.replicas is not None else None
+        ms = median(train_step_times(layer, tokens, steps, warmup, group, x=x, after_backward=sync))
+
+        def forward():
+            with torch.no_grad():
+                layer(x)
+        fwd = median(timed_runs(forward, steps, warmup, device, group))
+        out[name] = {"rows_per_rank": rows, "busiest_over_mean": max(rows) * N / sum(rows), "step_ms": ms,
+                     "forward_ms": fwd}
+        if rank == 0:
+            print(f"{name}: rows per rank {rows}, training step {ms:.1f} ms, forward {fwd:.1f} ms", flush=True)
+    return out
+
+
+def replica_memory_bytes(cfg: MoEConfig) -> dict[str, float]:
+    """Bytes one replica of one expert of cfg costs: {"parameters", "serving, FP8 weights", "training"} where
+    training holds bf16 weights, an fp32 master copy, fp32 gradients and AdamW's two fp32 moments (2 + 4 + 4 + 8
+    bytes per parameter, a common mixed-precision setup)."""
+    params = sum(int(torch.Size(shape).numel()) for shape in expert_weight_shapes(cfg).values())
+    return {"parameters": params, "serving, FP8 weights": params * 1.0, "serving, bf16 weights": params * 2.0,
+            "training": params * 18.0}
