@@ -151,50 +151,6 @@ def placement_cases(N):
                        f"{cfg.activation}: a rank with only copies", only_copies, [8] * N, "random")
 
 
-def placement_training(rank, N, device, steps=20):
-    """The same SGD run (momentum) with and without a placement, re-placed halfway: the weights at the end."""
-    from lessons_lib.moe.distributed import all_reduce_grads
-    from lessons_lib.moe.init import init_full_state_dict
-    from lessons_lib.moe.placement import place_experts
-
-    E = 2 * N
-    cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
-    sd = init_full_state_dict(cfg)
-    first = place_experts(torch.tensor([50.0] + [1.0] * (E - 1)), N, 3)
-    second = place_experts(torch.tensor([1.0] * (E - 1) + [50.0]), N, 3)
-    layers = {"plain": MoELayer(cfg, "alltoall", "grouped"), "placed": MoELayer(cfg, "alltoall", "grouped",
-                                                                                 placement=first)}
-    opts = {}
-    for name, layer in layers.items():
-        layer.load_full_state_dict(sd)
-        opts[name] = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(100 + rank)
-    losses = {name: [] for name in layers}
-    for step in range(steps):
-        x, target = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
-        if step == steps // 2:
-            layers["placed"].set_placement(second, opts["placed"])
-        for name, layer in layers.items():
-            y, _ = layer(x)
-            loss = ((y - target) ** 2).mean()
-            opts[name].zero_grad()
-            loss.backward()
-            all_reduce_grads(layer.replicated_parameters())
-            if layer.replicas is not None:
-                layer.sum_replica_grads()
-            opts[name].step()
-            losses[name].append(loss.item())
-    plain, placed = layers["plain"], layers["placed"]
-    worst = 0.0
-    for name, p in placed.experts.named_parameters():
-        full = [torch.empty_like(getattr(plain.experts, name)) for _ in range(N)]
-        dist.all_gather(full, getattr(plain.experts, name).detach())
-        logical = torch.cat(full)[placed.replicas.mine]  # what each of this rank's slots should hold
-        worst = max(worst, ((p.detach() - logical).abs().max() / logical.abs().max()).item())
-    loss_diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["placed"]))
-    return {"worst_weight": worst, "loss_diff": loss_diff, "moved": not torch.equal(first, second)}
-
-
 def overlap_bitwise(rank, N, device):
     """Outputs and every gradient, overlap on vs off, compared with torch.equal on every rank."""
     from lessons_lib.lab.equivalence import adversarial_inputs, adversarial_token_ids
@@ -507,10 +463,13 @@ def main():
                                                 device=device, placement=placement)
             result.append({"experts": bank, "case": name, "errors": errors})
     elif p["mode"] == "placement_training":
-        result = placement_training(rank, world_size, device)
-        every = [None] * world_size
-        dist.all_gather_object(every, result)
-        result = every
+        from lessons_lib.lab.equivalence import compare_placement_training
+        from lessons_lib.moe.placement import place_experts
+        E = 2 * world_size
+        cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+        first = place_experts(torch.tensor([50.0] + [1.0] * (E - 1)), world_size, 3)
+        second = place_experts(torch.tensor([1.0] * (E - 1) + [50.0]), world_size, 3)
+        result = compare_placement_training(cfg, first, second, device=device)
     elif p["mode"] == "hierarchical_traffic":  # lesson 09: counted inter-node bytes against the model, exactly
         from lessons_lib.lab.node_traffic import remote_nodes, remote_pairs, split_bytes_by_link
         from lessons_lib.moe.init import init_full_state_dict

@@ -255,3 +255,51 @@ def check_routings(cfg: MoEConfig, dispatcher: str, experts: str = "loop", group
     return [{"case": name, **compare_with_single_device(cfg, dispatcher, experts, tokens, routing, group,
                                                         device=device)}
             for name, tokens, routing in routing_cases(N)]
+
+
+def compare_placement_training(cfg: MoEConfig, first, second, steps: int = 20, tokens: int = 12, group=None,
+                               device=None) -> dict:
+    """Lesson 10: the same SGD run (with momentum, so the optimizer has state to move) of an all-to-all layer
+    without a placement and with placement `first`, moved to `second` halfway (`set_placement`). -> the worst
+    relative difference of any slot's weights from its expert's weights in the run without, and the largest
+    difference of any step's loss. Every rank of `group` calls it together."""
+    from ..moe.distributed import all_reduce_grads
+
+    rank, N = rank_and_size(group)
+    device = device if device is not None else torch.device("cpu")
+    sd = init_full_state_dict(cfg)
+    layers = {"plain": MoELayer(cfg, "alltoall", "grouped", group=group),
+              "placed": MoELayer(cfg, "alltoall", "grouped", group=group, placement=first)}
+    opts = {}
+    for name, layer in layers.items():
+        layer.to(device).load_full_state_dict(sd)
+        opts[name] = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)
+    losses = {name: [] for name in layers}
+    for step in range(steps):
+        x, target = (torch.randn(tokens, cfg.hidden_dim, generator=g).to(device) for _ in range(2))
+        if step == steps // 2:
+            layers["placed"].set_placement(second, opts["placed"])
+        for name, layer in layers.items():
+            y, _ = layer(x)
+            loss = ((y - target) ** 2).mean()
+            opts[name].zero_grad()
+            loss.backward()
+            all_reduce_grads(layer.replicated_parameters(), group)  # the router: every rank holds it whole
+            if layer.replicas is not None:
+                layer.sum_replica_grads()
+            opts[name].step()
+            losses[name].append(loss.item())
+    plain, placed = layers["plain"], layers["placed"]
+    worst = 0.0
+    for name, p in placed.experts.named_parameters():
+        mine = getattr(plain.experts, name).detach()
+        every = [torch.empty_like(mine) for _ in range(N)]
+        dist.all_gather(every, mine, group=group)
+        logical = torch.cat(every)[placed.replicas.mine.to(device)]  # what each of this rank's slots should hold
+        worst = max(worst, ((p.detach() - logical).abs().max() / logical.abs().max()).item())
+    result = torch.tensor([worst, max(abs(a - b) for a, b in zip(losses["plain"], losses["placed"]))],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
+    return {"worst_weight": result[0].item(), "loss_diff": result[1].item(), "moved": not torch.equal(
+        torch.as_tensor(first), torch.as_tensor(second)), "steps": steps}
