@@ -14,11 +14,11 @@ from lessons_lib.course.exercises import EXERCISES
 SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 09.3 need ranks: below
 
 
-def test_every_lesson_from_01_to_09_has_two_or_three_exercises():
+def test_every_lesson_from_01_to_10_has_two_or_three_exercises():
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
     assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
 
 
@@ -65,6 +65,12 @@ KNOWN = {
     # 8 experts on 4 nodes {0,1} {2,3} {4,5} {6,7}; seen from node 1
     "09.1": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4, 1), T([2, 0, 2])),
     "09.2": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4), [1, 2, 1, 2]),
+    # expert 3 (load 12) on 3 slots: 4 per slot; rank 0 holds 0, 1 and one 3; rank 1 holds 2 and two 3s
+    "10.1": ((T([[0, 1, 3], [2, 3, 3]]), T([1.0, 2.0, 3.0, 12.0])), T([7.0, 11.0], dtype=torch.float64)),
+    "10.2": ((T([90.0, 30.0, 20.0, 10.0]), 6), [3, 1, 1, 1]),  # 90 -> 45 -> 30 per replica
+    # expert 3's slots are 2, 4, 5; rank 1 starts at its replica 1 (slot 4): pairs of 3 take 4, 5, 2, then 4
+    "10.3": ((T([[0, 1, 3], [2, 3, 3]]), T([[3, 0], [3, 1], [3, 2], [1, 3]]), 1),
+             T([[4, 0], [5, 1], [2, 3], [1, 4]])),
 }
 
 

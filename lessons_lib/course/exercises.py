@@ -396,3 +396,46 @@ def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, ranks_per_node:
                         device=expert_ids.device)
     dist.all_reduce(mine)
     return int(mine.item())
+
+
+# ---------------------------------------------------------------- lesson 10
+
+@_exercise("10.1", "the load each rank carries under a placement",
+           "an expert's load is split evenly over its replicas: count each expert's slots (torch.bincount of the "
+           "flattened placement), divide the loads by the counts, index by the placement, sum each rank's row.",
+           lambda: [("one replica each", (torch.tensor([[0, 1], [2, 3]]), torch.tensor([4.0, 1.0, 2.0, 3.0]))),
+                    ("a hot expert on every rank", (torch.tensor([[0, 1, 3], [2, 3, 3]]),
+                                                    torch.tensor([1.0, 2.0, 3.0, 12.0]))),
+                    ("random", (torch.tensor([[0, 4, 1], [2, 4, 3], [4, 0, 5]]), torch.rand(6, generator=_g(0))))])
+def per_rank_load(placement: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    from lessons_lib.moe.placement import rank_loads
+
+    return rank_loads(placement, load)
+
+
+@_exercise("10.2", "how many replicas each expert gets",
+           "start from one each; give each spare slot to the expert whose load per replica (load / replicas) is "
+           "largest at that moment, the lower id on a tie (a loop, or heapq).",
+           lambda: [("two spare slots", (torch.tensor([90.0, 30.0, 20.0, 10.0]), 6)),
+                    ("no spare slot", (torch.tensor([5.0, 1.0]), 2)),
+                    ("a tie", (torch.tensor([2.0, 2.0, 1.0]), 4)),
+                    ("Zipf", (1.0 / torch.arange(1, 9, dtype=torch.float64), 12))])
+def replicas_per_expert(load: torch.Tensor, num_slots: int) -> list:
+    from lessons_lib.moe.placement import replica_counts
+
+    return replica_counts(load, num_slots)
+
+
+@_exercise("10.3", "which replica a pair goes to",
+           "slots of expert e = the flat slot ids p with placement.flatten()[p] == e, in order; the pairs of e "
+           "on this rank, in (token, slot) order, take them in turn starting at replica number rank % count.",
+           lambda: [("a hot expert on two ranks", (torch.tensor([[0, 1, 3], [2, 3, 3]]),
+                                                   torch.tensor([[3, 0], [3, 1], [3, 2], [1, 3]]), 1)),
+                    ("no replica", (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 2], [3, 1]]), 0)),
+                    ("random", (torch.tensor([[0, 4, 1], [2, 4, 3], [4, 0, 5]]),
+                                torch.randint(6, (7, 2), generator=_g(1)), 2))])
+def replica_of_pair(placement: torch.Tensor, expert_ids: torch.Tensor, rank: int) -> torch.Tensor:
+    """[T, k] the physical slot each (token, slot) pair of `rank` goes to."""
+    from lessons_lib.moe.placement import Replicas
+
+    return Replicas(placement, int(placement.max()) + 1, rank, placement.shape[0]).physical(expert_ids)
