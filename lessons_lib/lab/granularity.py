@@ -69,7 +69,7 @@ def traffic_per_token(cfg: MoEConfig, world_size: int, ms=(1, 2, 4, 8), tokens: 
         ranks = distinct_ranks(routing.expert_ids, c.num_experts, world_size).float().mean().item()
         row_bytes = c.hidden_dim * bytes_per_element
         rows.append({"m": m, "num_experts": c.num_experts, "ffn_dim": c.ffn_dim, "top_k": c.top_k,
-                     "params": c.num_experts * c.ffn_dim, "flops_per_token": c.top_k * c.ffn_dim,
+                     "E_times_F": c.num_experts * c.ffn_dim, "k_times_F": c.top_k * c.ffn_dim,
                      "bytes_row_per_expert": c.top_k * row_bytes, "distinct_ranks": ranks,
                      "expected_distinct_ranks": expected_distinct_ranks(c.num_experts, c.top_k, world_size),
                      "bytes_row_per_rank": ranks * row_bytes})
@@ -121,7 +121,10 @@ def sweep(hidden: int = 7168, tokens: int = 4096, base_k: int = 8, ffns=(8192, 4
             rows.append({"ffn_dim": F, "num_experts": E, "top_k": k, "error": str(e).splitlines()[0]})
             print(rows[-1], flush=True)
             continue
-        both = time_ms(lambda: bank(x, counts, sizes).backward(g))
+        weights = list(bank.parameters())
+        # autograd.grad returns fresh gradients: .backward() would add each repeat's into the last ones, an extra
+        # read and write of every weight gradient that is not part of a training step's backward
+        both = time_ms(lambda: torch.autograd.grad(bank(x, counts, sizes), [x, *weights], g))
         flops = M * flops_per_row(cfg)
         rows.append({"ffn_dim": F, "num_experts": E, "top_k": k, "rows_per_expert": M // E, "forward_ms": fwd,
                      "forward_tflops": flops / fwd / 1e9, "fwd_bwd_ms": both, "fwd_bwd_tflops": 3 * flops / both / 1e9,

@@ -5,7 +5,8 @@ Experts are placed contiguously, so node n owns experts n·E/P … (n+1)·E/P �
 - flat (lesson 03's all-to-all): one row per (token, slot) whose expert is on another node (`remote_pairs`);
 - hierarchical (lesson 09): one row per (token, other node holding any of its experts) (`remote_nodes`).
 Combine sends as many rows back. Node-limited routing (`MoEConfig(router="sigmoid_bias", num_groups=P,
-topk_groups=M)`) caps the nodes a token reaches at M, so the hierarchical rows at M − 1 remote nodes per token.
+topk_groups=M)`) caps the nodes a token reaches at M, so its hierarchical rows at M remote nodes (M − 1 when its
+own node is among them).
 
 `layer_time_us` turns bytes into time with one bandwidth per link class: within a node, NVLink, across nodes the
 network; `LINKS` states the figures and where they come from.

@@ -76,6 +76,8 @@ def overlap_step_times(cfg: MoEConfig, tokens: int, rounds: int = 5, steps: int 
     per round."""
     if cfg.shared_ffn_dim is None:
         raise ValueError("overlap_step_times needs a shared expert: MoEConfig(shared_ffn_dim=...)")
+    if dispatcher != "alltoall":  # the exchange timed alone is read from the all-to-all dispatcher's split sizes
+        raise ValueError(f"overlap_step_times times the 'alltoall' dispatcher, got {dispatcher!r}")
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
     layers = _layers(cfg, dispatcher, experts, group, device)

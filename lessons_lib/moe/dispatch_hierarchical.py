@@ -15,7 +15,8 @@ experts all live on one remote node crosses the network k times. Here the world 
      rank adds up its nodes' partials.
 
 Every rank takes part in every collective, also with nothing to send. The weights travel through the same
-differentiable all-to-all as the rows, so the router's gradient comes back the way they went. `traffic` splits
+differentiable all-to-all as the rows, so the router's gradient comes back the way they went (in backward that
+is k numbers per row more over the network, which `traffic`, a record of the forward, does not count). `traffic` splits
 the bytes by link class: "dispatch inter-node", "dispatch intra-node", "combine inter-node", "combine
 intra-node", and the slots' ids and weights as "metadata inter-node".
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dispatch_alltoall import AllToAll, all_to_all_beside
+from .dispatch_alltoall import AllToAll, all_to_all_beside, capturing
 from .dispatch_local import Permute, inverse_permutation
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .process_groups import build_node_groups, check_ranks_per_node, default_ranks_per_node
@@ -41,12 +42,14 @@ from .traffic import Traffic
 class HierarchicalState(DispatchState):
     num_tokens: int  # T, this rank's tokens
     token_U: torch.Tensor  # the source token of each hop-1 row (rows ordered by destination node, then token)
-    hop1_in: list  # [P] hop-1 rows sent to each node
-    hop1_out: list  # [P] hop-1 rows received from each node
+    node_U: torch.Tensor  # and its destination node
+    hop1_sent: list  # [P] hop-1 rows sent to each node
+    hop1_received: list  # [P] hop-1 rows received from each node
     row_W: torch.Tensor  # for each pair this rank fanned out: which received row it came from
-    weight_W: torch.Tensor  # and that pair's routing weight
-    hop2_in: list  # [Rn] pairs sent to each rank of the node
-    hop2_out: list  # [Rn] pairs received from each
+    slot_W: torch.Tensor  # and which of that row's k slots
+    weight_Vk: torch.Tensor  # the received rows' slot weights (0 for slots on other nodes)
+    hop2_sent: list  # [Rn] pairs sent to each rank of the node
+    hop2_received: list  # [Rn] pairs received from each
     regroup_M: torch.Tensor  # received order -> grouped by local expert
     ungroup_M: torch.Tensor  # and back
 
@@ -100,6 +103,9 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         raise ValueError(message)
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
+        if capturing():
+            raise RuntimeError("dispatcher 'hierarchical' reads its split sizes back from the GPU and has no "
+                               "CUDA-graph path; use 'alltoall' with lesson 05's static shapes")
         t = self.topology
         P, Rn, L = t.nodes, t.ranks_per_node, self.num_local_experts
         self.traffic = Traffic()
@@ -118,15 +124,16 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         send_N[peers] = send_P
         recv = self._first_exchange(send_N, 0)
         sizes = torch.cat([send_P, recv[peers, 0], recv[:, 1]]).tolist()  # one host sync for the split sizes
-        hop1_in, hop1_out, codes = sizes[:P], sizes[P:2 * P], sizes[2 * P:]
+        hop1_sent, hop1_received, codes = sizes[:P], sizes[P:2 * P], sizes[2 * P:]
         self._stop_if_any_rank_failed(codes)
         if beside is None:
-            rows_VH = AllToAll.apply(x_TH[token_U], hop1_out, hop1_in, t.inter_group)
+            rows_VH = AllToAll.apply(x_TH[token_U], hop1_received, hop1_sent, t.inter_group)
         else:  # lesson 08's shared expert runs while the rows cross
-            rows_VH = all_to_all_beside(x_TH[token_U], hop1_out, hop1_in, t.inter_group, beside)
-        weight_Vk = AllToAll.apply(weight_Uk, hop1_out, hop1_in, t.inter_group)  # differentiable: the router's grad
-        expert_Vk = torch.empty(sum(hop1_out), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
-        dist.all_to_all_single(expert_Vk, expert_Uk.contiguous(), hop1_out, hop1_in, group=t.inter_group)
+            rows_VH = all_to_all_beside(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, beside)
+        # differentiable, so the router's gradient comes back
+        weight_Vk = AllToAll.apply(weight_Uk, hop1_received, hop1_sent, t.inter_group)
+        expert_Vk = torch.empty(sum(hop1_received), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
+        dist.all_to_all_single(expert_Vk, expert_Uk.contiguous(), hop1_received, hop1_sent, group=t.inter_group)
 
         # Hop 2, inside the node: one row per (received row, slot on this node), grouped by expert, as lesson 03.
         row_W, slot_W = (expert_Vk >= 0).nonzero(as_tuple=True)
@@ -136,32 +143,38 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         counts_RL = count_per_expert(expert_W - t.node * self.experts_per_node, Rn * L).view(Rn, L)
         recv_counts_RL = _exchange_ints(counts_RL, t.intra_group)
         sizes = torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]).tolist()
-        hop2_in, hop2_out, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
-        received_MH = AllToAll.apply(rows_VH[row_W], hop2_out, hop2_in, t.intra_group)
+        hop2_sent, hop2_received, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
+        received_MH = AllToAll.apply(rows_VH[row_W], hop2_received, hop2_sent, t.intra_group)
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
-                                                 recv_counts_RL.flatten(), output_size=sum(hop2_out))
+                                                 recv_counts_RL.flatten(), output_size=sum(hop2_received))
         regroup_M = torch.argsort(local_expert_M, stable=True)
         ungroup_M = inverse_permutation(regroup_M)
 
         row_bytes = x_TH.shape[1] * x_TH.element_size()
-        self._count("dispatch", row_bytes, hop1_in, hop1_out, hop2_in, hop2_out)
+        self._count("dispatch", row_bytes, hop1_sent, hop1_received, hop2_sent, hop2_received)
         meta = ids_Tk.shape[1] * (expert_Uk.element_size() + weight_Uk.element_size())
-        self._count("metadata", meta, hop1_in, hop1_out, [0] * Rn, [0] * Rn)
+        self._count("metadata", meta, hop1_sent, hop1_received, [0] * Rn, [0] * Rn)
         self.traffic.add("counts", (Rn - 1) * L * 8, (Rn - 1) * L * 8, 0)
-        state = HierarchicalState(ids_Tk.shape[0], token_U, hop1_in, hop1_out, row_W, weight_Vk[row_W, slot_W],
-                                  hop2_in, hop2_out, regroup_M, ungroup_M, sizes=bank_sizes)
+        state = HierarchicalState(ids_Tk.shape[0], token_U, node_U, hop1_sent, hop1_received, row_W, slot_W,
+                                  weight_Vk, hop2_sent, hop2_received, regroup_M, ungroup_M, sizes=bank_sizes)
         return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_RL.sum(0), state
 
     def combine(self, expert_out_MH: torch.Tensor, state: HierarchicalState) -> torch.Tensor:
         t = self.topology
+        H = expert_out_MH.shape[1]
         out_M = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)  # back in the order received
-        out_W = AllToAll.apply(out_M, state.hop2_in, state.hop2_out, t.intra_group)  # back to hop 1's receiver
-        weighted_W = out_W * state.weight_W.to(out_W.dtype)[:, None]
-        partial_VH = out_W.new_zeros(sum(state.hop1_out), out_W.shape[1]).index_add(0, state.row_W, weighted_W)
-        partial_UH = AllToAll.apply(partial_VH, state.hop1_in, state.hop1_out, t.inter_group)  # once per node
-        y_TH = partial_UH.new_zeros(state.num_tokens, partial_UH.shape[1]).index_add(0, state.token_U, partial_UH)
-        row_bytes = out_W.shape[1] * out_W.element_size()
-        self._count("combine", row_bytes, state.hop1_out, state.hop1_in, state.hop2_out, state.hop2_in)
+        out_W = AllToAll.apply(out_M, state.hop2_sent, state.hop2_received, t.intra_group)  # to hop 1's receiver
+        # Each received row's results in its k slots (zeros off this node), then weighted and summed by a bmm, as
+        # lesson 03's combine: placed, not scatter-added, so the sum is deterministic and accumulates in fp32.
+        V, k = state.weight_Vk.shape
+        out_VkH = out_W.new_zeros(V, k, H).index_put((state.row_W, state.slot_W), out_W)
+        partial_VH = torch.bmm(state.weight_Vk.to(out_W.dtype).unsqueeze(1), out_VkH).squeeze(1)
+        partial_UH = AllToAll.apply(partial_VH, state.hop1_sent, state.hop1_received, t.inter_group)  # once per node
+        # a token's partial rows, one per node it reached, added up the same way
+        by_node_TPH = partial_UH.new_zeros(state.num_tokens, t.nodes, H)
+        y_TH = by_node_TPH.index_put((state.token_U, state.node_U), partial_UH).sum(1)
+        self._count("combine", H * out_W.element_size(), state.hop1_received, state.hop1_sent,
+                    state.hop2_received, state.hop2_sent)
         return y_TH
 
     def _count(self, phase: str, row_bytes: int, hop1_sent, hop1_received, hop2_sent, hop2_received) -> None:

@@ -220,6 +220,8 @@ class MoELayer(nn.Module):
         """Lesson 10: the replicas of one expert saw different tokens; give each the sum of all its replicas'
         gradients, so that the same optimizer step keeps them equal. One all-reduce per weight over the group,
         of a buffer with a row per replicated expert only (`Replicas.sum_over_replicas`)."""
+        if self.replicas is None:
+            raise ValueError("sum_replica_grads needs a layer built with a placement: MoELayer(..., placement=P)")
         for p in self.experts.parameters():
             if p.grad is not None:
                 p.grad.copy_(self.replicas.sum_over_replicas(p.grad, self.dispatcher.group))

@@ -73,7 +73,7 @@ class NodeGroups:
     inter_ranks: list  # every inter-node group
 
 
-_NODE_GROUPS: dict = {}  # (the world group, ranks_per_node) -> NodeGroups: new_group is costly, make them once
+_NODE_GROUPS: dict = {}  # (id of the world group, R) -> (that group, NodeGroups): new_group is costly, make them once
 
 
 def default_ranks_per_node() -> int:
@@ -94,8 +94,10 @@ def build_node_groups(ranks_per_node: int | None = None) -> NodeGroups:
     world, rank = dist.get_world_size(), dist.get_rank()
     R = default_ranks_per_node() if ranks_per_node is None else ranks_per_node
     check_ranks_per_node(R, world)
-    key = (id(dist.group.WORLD), R)  # a new init_process_group makes a new world, and new groups
-    if key not in _NODE_GROUPS:
+    world_group = dist.group.WORLD
+    key = (id(world_group), R)
+    cached = _NODE_GROUPS.get(key)
+    if cached is None or cached[0] is not world_group:  # a new init_process_group makes a new world, new groups
         P = world // R
         intra_ranks = [list(range(n * R, (n + 1) * R)) for n in range(P)]
         inter_ranks = [list(range(lr, world, R)) for lr in range(R)]
@@ -105,6 +107,6 @@ def build_node_groups(ranks_per_node: int | None = None) -> NodeGroups:
                 g = dist.new_group(ranks)
                 if rank in ranks:
                     mine[kind] = g
-        _NODE_GROUPS[key] = NodeGroups(R, P, rank // R, rank % R, mine["intra"], mine["inter"],
-                                              intra_ranks, inter_ranks)
-    return _NODE_GROUPS[key]
+        _NODE_GROUPS[key] = (world_group, NodeGroups(R, P, rank // R, rank % R, mine["intra"], mine["inter"],
+                                                     intra_ranks, inter_ranks))
+    return _NODE_GROUPS[key][1]
