@@ -15,6 +15,7 @@ from ..moe.config import MoEConfig
 from ..moe.distributed import rank_and_size
 from ..moe.init import expert_weight_shapes, init_full_state_dict
 from ..moe.layer import MoELayer
+from ..moe.placement import Replicas
 from .timing import median, timed_runs, train_step_times
 
 HOT = 30.0  # the logit the steered tokens give the hot expert: decides their first choice outright
@@ -85,6 +86,30 @@ def step_time_with_placements(cfg: MoEConfig, tokens: int, hot_share: float, pla
         if rank == 0:
             print(f"{name}: rows per rank {rows}, training step {ms:.1f} ms, forward {fwd:.1f} ms", flush=True)
     return out
+
+
+def grad_sum_times(cfg: MoEConfig, placement: torch.Tensor, steps: int = 10, warmup: int = 3, group=None,
+                   device=None) -> dict:
+    """The two ways to sum the replicas' gradients (lesson 10), timed on one expert weight's gradient of each of
+    this rank's slots: {"replicated rows only": ..., "every expert": ...}, each {"rows", "bytes", "ms"}, where
+    rows are those of the all-reduced buffer, bytes its size per rank and ms the median of the slowest rank. The
+    first is what `MoELayer.sum_replica_grads` does (`Replicas.sum_over_replicas`); the second all-reduces an
+    [E, ...] buffer with every expert's gradient (`Replicas.logical`) and reads this rank's slots from it. Every
+    rank of `group` calls it together."""
+    rank, N = rank_and_size(group)
+    device = device if device is not None else torch.device("cpu")
+    replicas = Replicas(placement, cfg.num_experts, rank, N)
+    shape = expert_weight_shapes(cfg)["w1"]
+    grad = torch.randn(len(replicas.mine), *shape, device=device, dtype=cfg.torch_dtype,
+                       generator=torch.Generator(device).manual_seed(rank))
+    mine = replicas.mine.to(device)
+    ways = {"replicated rows only": (len(replicas.replicated), lambda: replicas.sum_over_replicas(grad, group)),
+            "every expert": (cfg.num_experts, lambda: replicas.logical(grad, group)[mine])}
+    # the same sums (the two all-reduces may add the ranks' parts in another order)
+    torch.testing.assert_close(ways["replicated rows only"][1](), ways["every expert"][1]())
+    row_bytes = grad[0].numel() * grad.element_size()
+    return {name: {"rows": rows, "bytes": rows * row_bytes, "ms": median(timed_runs(fn, steps, warmup, device, group))}
+            for name, (rows, fn) in ways.items()}
 
 
 def replica_memory_bytes(cfg: MoEConfig) -> dict[str, float]:
