@@ -7,7 +7,9 @@ Modes (params["mode"]):
   traffic: the bytes each dispatcher counts against what the routing says it must send;
   bias: DeepSeek-V3's bias update sums the loads over the ranks, so every rank keeps the same bias;
   lesson08: shared experts (gated or not) and the hash router behind every dispatcher and bank;
-  overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without.
+  overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without;
+  lesson11: the FP8 dispatch behind every dispatcher that sends rows, against the single-device layer with the
+    same quantization, and its counted bytes.
 """
 import torch
 import torch.distributed as dist
@@ -99,6 +101,27 @@ def lesson08_cases(N):
                 every_group = {"topk_groups": None, "num_groups": 1} if cfg.topk_groups else {}
                 top_k_is_e = MoEConfig(**{**cfg.__dict__, "top_k": 8, **every_group})
                 yield dispatcher, bank, top_k_is_e, f"{name}: top_k=E", [5] * N, "random"
+
+
+def lesson11_cases(N):
+    """(dispatcher, bank, config, case, tokens per rank, routing, ranks_per_node) for lesson 11's FP8 dispatch."""
+    from lessons_lib.lab.equivalence import routing_cases
+
+    fp8 = dict(num_experts=4 * N, top_k=2, hidden_dim=128, ffn_dim=32, dispatch_dtype="float8_e4m3fn")
+    configs = {"fp8, gelu": MoEConfig(**fp8),
+               "fp8, swiglu + shared": MoEConfig(**fp8, activation="swiglu", shared_ffn_dim=16),
+               "fp8, deepseek": MoEConfig(**fp8, activation="swiglu", router="sigmoid_bias", num_groups=2,
+                                          topk_groups=1, routed_scaling_factor=2.5)}
+    R = 2 if N % 2 == 0 and N > 2 else 1  # hierarchical: 2 × 2 on 4 ranks, N nodes of one rank otherwise
+    node_cases = [("k experts on one remote node", [8] * N, "remote_node"), ("every token to one node", [8] * N,
+                                                                              "one_node")]
+    for dispatcher in ("allgather", "alltoall", "hierarchical"):
+        for bank in ("loop", "grouped"):
+            for name, cfg in configs.items():
+                cases = routing_cases(N) + (node_cases if dispatcher == "hierarchical" else [])
+                for case, tokens, routing in cases:
+                    yield dispatcher, bank, cfg, f"{name}: {case}", tokens, routing, R
+            yield dispatcher, bank, MoEConfig(**{**fp8, "top_k": 4 * N}), "fp8: top_k=E", [5] * N, "random", R
 
 
 def hierarchical_cases(N, R):
@@ -273,6 +296,22 @@ def main():
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, overlap=p.get("overlap", True))
             result.append({"dispatcher": dispatcher, "experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "lesson11":
+        GroupedExperts.use_reference_kernel = True
+        result = {"rows": [], "bytes": {}}
+        for dispatcher, bank, cfg, name, tokens, routing, R in lesson11_cases(world_size):
+            errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
+                                                device=device, ranks_per_node=R if dispatcher == "hierarchical"
+                                                else None)
+            result["rows"].append({"dispatcher": dispatcher, "experts": bank, "case": name, "errors": errors})
+        for dtype in ("bfloat16", None):  # counted dispatch bytes: bf16 rows, then the same rows in FP8
+            cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=256, ffn_dim=32, dtype="bfloat16",
+                            dispatch_dtype=None if dtype else "float8_e4m3fn")
+            layer = MoELayer(cfg, "alltoall").to(device)
+            layer(torch.randn(16, 256, device=device, dtype=torch.bfloat16,
+                              generator=torch.Generator(device).manual_seed(rank)))
+            result["bytes"][dtype or "float8_e4m3fn"] = {phase: vars(b) for phase, b in
+                                                         layer.dispatcher.traffic.phases.items()}
     elif p["mode"] == "overlap_bitwise":
         result = overlap_bitwise(rank, world_size, device)
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops

@@ -14,6 +14,8 @@ ACTIVATIONS = ("gelu", "swiglu")
 ROUTERS = ("softmax_topk", "sigmoid_bias", "hash")
 DROP_POLICIES = ("probs", "position")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DISPATCH_DTYPES = ("float8_e4m3fn",)
+FP8_TILE = 128  # channels per scale of an FP8 dispatch row (lesson 11)
 
 
 def _positive_int(name: str, value) -> None:
@@ -61,6 +63,9 @@ class MoEConfig:
     shared_ffn_dim: lesson 08. S, the inner width of a shared expert: a dense FFN (the layer's activation) that
         every token passes, added to the routed output, never dispatched (DeepSeek-V3: S = n_shared · F). None: none.
     shared_gate: multiply the shared expert's output by sigmoid(x·g), g [1, H] (Qwen2-MoE).
+    dispatch_dtype: lesson 11. None: dispatched rows travel in the layer's dtype. "float8_e4m3fn": each row is
+        quantized to FP8 with one scale per 128 channels (H must be a multiple of 128) for the dispatch, and
+        dequantized where it arrives; the combine stays in the layer's dtype (DeepSeek-V3's choice).
     dtype: parameter dtype, "float32", "bfloat16" or "float16" (the router always scores in fp32).
     seed: the seed the weights are drawn from; the same seed gives the same layer
         on any number of ranks (see `lessons_lib.moe.init`).
@@ -83,6 +88,7 @@ class MoEConfig:
     pad_to_capacity: bool = False
     shared_ffn_dim: int | None = None
     shared_gate: bool = False
+    dispatch_dtype: str | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden_dim", "ffn_dim"):
@@ -104,6 +110,11 @@ class MoEConfig:
         self._check_routing_options()
         self._check_capacity()
         self._check_shared()
+        if self.dispatch_dtype is not None:
+            _one_of("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
+            if self.hidden_dim % FP8_TILE:
+                raise ValueError(f"MoEConfig.dispatch_dtype={self.dispatch_dtype!r} has one scale per {FP8_TILE} "
+                                 f"channels: hidden_dim must be a multiple of {FP8_TILE}, got {self.hidden_dim}")
 
     def _check_routing_options(self):
         if not _positive_number(self.routed_scaling_factor):

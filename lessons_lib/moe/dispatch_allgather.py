@@ -27,6 +27,7 @@ from .dispatch_local import RowIndex, rows_by_expert, weighted_sum_by_token
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .router import Routing, count_per_expert
 from .traffic import Traffic
+from .wire import dispatch_row_bytes, wire_for
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor; same arguments.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -34,18 +35,24 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 class _AllGather(torch.autograd.Function):
-    """[P, ...] per rank -> [N·P, ...] on every rank; backward: reduce_scatter of the gradient."""
+    """[P, ...] per rank -> [N·P, ...] on every rank; backward: reduce_scatter of the gradient.
+    wire (lesson 11): the rows travel encoded and arrive decoded; the gradient travels as it is."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, wire=None):
         ctx.group = group
-        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+        rows = dist.get_world_size(group) * x.shape[0]
+        if wire is not None:
+            out = wire.empty_payload(rows, x.device)
+            _all_gather(out, wire.encode(x), group=group)
+            return wire.decode(out)
+        out = x.new_empty(rows, *x.shape[1:])
         _all_gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _ReduceScatter.apply(grad, ctx.group), None
+        return _ReduceScatter.apply(grad, ctx.group), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -87,6 +94,10 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
     # capacity padding (0). The all_gather's own padding rows are -1 in every column.
     META = 4
 
+    def __init__(self, cfg, group=None):
+        super().__init__(cfg, group)
+        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8
+
     def _first_exchange(self, counts_E: torch.Tensor, code: int) -> list[list[int]]:
         # Every rank's row count (to find the padding size) and input-error code.
         mine = torch.stack([counts_E.sum(), torch.tensor(code, device=counts_E.device)])
@@ -113,7 +124,7 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         sent_PH = torch.cat([x_TH[index.token], x_TH.new_zeros(P - R, H)])
         padded_meta = torch.cat([meta, meta.new_full((P - R, self.META), -1)])  # expert -1: padding
 
-        gathered_NPH = _AllGather.apply(sent_PH, self.group)  # [N·P, H], differentiable
+        gathered_NPH = _AllGather.apply(sent_PH, self.group, self.wire)  # [N·P, H], differentiable
         gathered_meta = padded_meta.new_empty(N * P, self.META)
         _all_gather(gathered_meta, padded_meta, group=self.group)
 
@@ -121,7 +132,7 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         keep_M = rows_of_experts(expert, self.experts)
         counts_L = count_per_expert(expert[keep_M] - self.experts.start, self.num_local_experts)
 
-        row_bytes = H * x_TH.element_size()
+        row_bytes = dispatch_row_bytes(self.cfg, self.wire)
         needed_elsewhere = int((index.real & (index.expert // self.num_local_experts != self.rank)).sum())
         self.traffic.add("dispatch", (N - 1) * P * row_bytes, (N - 1) * P * row_bytes, needed_elsewhere * row_bytes)
         meta_bytes = (N - 1) * P * self.META * 8

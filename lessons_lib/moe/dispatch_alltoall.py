@@ -27,6 +27,7 @@ from .dispatch_local import Permute, RowIndex, inverse_permutation, rows_by_expe
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .router import Routing, count_per_expert
 from .traffic import Traffic
+from .wire import dispatch_row_bytes, wire_for
 
 
 class AllToAll(torch.autograd.Function):
@@ -35,26 +36,32 @@ class AllToAll(torch.autograd.Function):
     forward: rank i sends in_splits[j] rows to rank j and receives out_splits[j] rows from it.
     backward: the gradient of each received row goes back to where the row came from, which
     is the same exchange with the two split lists swapped.
+    wire (lesson 11): the rows travel encoded (`wire.Fp8Wire`: FP8 values and their scales in one payload) and
+    arrive decoded; their gradient travels back as it is (straight-through).
     """
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group=None):
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group=None, wire=None):
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        if wire is not None:
+            out = wire.empty_payload(sum(out_splits), x.device)
+            dist.all_to_all_single(out, wire.encode(x), out_splits, in_splits, group=group)
+            return wire.decode(out)
         out = x.new_empty(sum(out_splits), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return AllToAll.apply(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        return AllToAll.apply(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
 
 
 class InFlight:
     """The work handle an exchange leaves between `StartAllToAll` and `FinishAllToAll` (lesson 08), with the
     tensors it reads and writes, which must stay alive until it is waited for."""
 
-    def __init__(self, async_op: bool):
-        self.async_op = async_op
+    def __init__(self, async_op: bool, wire=None):
+        self.async_op, self.wire = async_op, wire  # wire: the forward's rows travel encoded (lesson 11)
         self.work, self.tensors = None, ()
 
     def start(self, out, x, out_splits, in_splits, group) -> None:
@@ -77,7 +84,11 @@ class StartAllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, flight: InFlight):
         ctx.flight = flight
         out = x.new_empty(sum(out_splits), *x.shape[1:])
-        flight.start(out, x.contiguous(), out_splits, in_splits, group)
+        if flight.wire is None:
+            flight.start(out, x.contiguous(), out_splits, in_splits, group)
+        else:  # the payload travels; FinishAllToAll decodes it into out
+            flight.start(flight.wire.empty_payload(sum(out_splits), x.device), flight.wire.encode(x), out_splits,
+                         in_splits, group)
         return out
 
     @staticmethod
@@ -93,7 +104,11 @@ class FinishAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, out_splits: list[int], in_splits: list[int], group, flight: InFlight):
         ctx.splits, ctx.group, ctx.flight = (out_splits, in_splits), group, flight
+        payload = flight.tensors[0] if flight.wire is not None else None
         flight.wait()
+        if payload is not None:
+            out.copy_(flight.wire.decode(payload))
+        flight.wire = None  # the gradient travels as it is
         return out.view_as(out)
 
     @staticmethod
@@ -104,10 +119,10 @@ class FinishAllToAll(torch.autograd.Function):
         return grad, None, None, None, None  # StartAllToAll.backward returns grad_x once it has arrived
 
 
-def all_to_all_beside(x, out_splits: list[int], in_splits: list[int], group, beside) -> torch.Tensor:
-    """`AllToAll.apply(x, out_splits, in_splits, group)`, running `beside()` while the rows travel (lesson 08).
-    beside.overlap False: the same steps, with an exchange that blocks, so nothing overlaps."""
-    flight = InFlight(async_op=beside.overlap)
+def all_to_all_beside(x, out_splits: list[int], in_splits: list[int], group, beside, wire=None) -> torch.Tensor:
+    """`AllToAll.apply(x, out_splits, in_splits, group, wire)`, running `beside()` while the rows travel (lesson
+    08). beside.overlap False: the same steps, with an exchange that blocks, so nothing overlaps."""
+    flight = InFlight(async_op=beside.overlap, wire=wire)
     out = StartAllToAll.apply(x, out_splits, in_splits, group, flight)
     beside()
     return FinishAllToAll.apply(out, out_splits, in_splits, group, flight)
@@ -132,6 +147,10 @@ def capturing() -> bool:
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
     """Send each (token, slot) row only to the rank that owns its expert."""
+
+    def __init__(self, cfg, group=None):
+        super().__init__(cfg, group)
+        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8
 
     def _first_exchange(self, counts_E: torch.Tensor, code: int, real_N: torch.Tensor | None = None) -> torch.Tensor:
         # Row r of what this rank sends to rank r: how many rows go to each of r's experts, how many
@@ -165,9 +184,9 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
 
         if beside is None:
-            received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group)
+            received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group, self.wire)
         else:  # lesson 08: the shared expert runs while the rows travel
-            received_MH = all_to_all_beside(x_TH[index.token], out_splits, in_splits, self.group, beside)
+            received_MH = all_to_all_beside(x_TH[index.token], out_splits, in_splits, self.group, beside, self.wire)
         # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),
                                                  recv_counts_NL.flatten(), output_size=sum(out_splits))
@@ -177,7 +196,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         state = AllToAllState(index, routing.weights, regroup_M, ungroup_M, in_splits, out_splits, useful_sent,
                               useful_received, sizes=bank_sizes)
         if useful_sent is not None:
-            self._count("dispatch", x_TH, in_splits, out_splits, useful_sent)
+            self._count("dispatch", dispatch_row_bytes(self.cfg, self.wire), in_splits, out_splits, useful_sent)
         return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_NL.sum(0), state
 
     def _static_sizes(self, x_TH: torch.Tensor, index: RowIndex):
@@ -202,12 +221,12 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
         back_RH = AllToAll.apply(received_order_MH, state.in_splits, state.out_splits, self.group)
         if state.useful_received is not None:
-            self._count("combine", expert_out_MH, state.out_splits, state.in_splits, state.useful_received)
+            self._count("combine", expert_out_MH.shape[1] * expert_out_MH.element_size(), state.out_splits,
+                        state.in_splits, state.useful_received)
         return weighted_sum_by_token(back_RH, state.index, state.weights_Tk)
 
-    def _count(self, phase: str, rows: torch.Tensor, sent: list, received: list, useful: list) -> None:
+    def _count(self, phase: str, row_bytes: int, sent: list, received: list, useful: list) -> None:
         """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""
-        row_bytes = rows.shape[1] * rows.element_size()
         others = [r for r in range(self.world_size) if r != self.rank]
         self.traffic.add(phase, sum(sent[r] for r in others) * row_bytes,
                          sum(received[r] for r in others) * row_bytes, sum(useful[r] for r in others) * row_bytes)

@@ -36,6 +36,7 @@ from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .process_groups import build_node_groups, check_ranks_per_node, default_ranks_per_node
 from .router import Routing, count_per_expert
 from .traffic import Traffic
+from .wire import dispatch_row_bytes, wire_for
 
 
 @dataclass
@@ -83,6 +84,7 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         check_ranks_per_node(R, self.world_size)  # before any collective: new_group is one
         self.topology = build_node_groups(R)
         self.experts_per_node = cfg.num_experts // self.topology.nodes
+        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8 on both hops
 
     def extra_repr(self) -> str:
         t = self.topology
@@ -127,9 +129,9 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         hop1_sent, hop1_received, codes = sizes[:P], sizes[P:2 * P], sizes[2 * P:]
         self._stop_if_any_rank_failed(codes)
         if beside is None:
-            rows_VH = AllToAll.apply(x_TH[token_U], hop1_received, hop1_sent, t.inter_group)
+            rows_VH = AllToAll.apply(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, self.wire)
         else:  # lesson 08's shared expert runs while the rows cross
-            rows_VH = all_to_all_beside(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, beside)
+            rows_VH = all_to_all_beside(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, beside, self.wire)
         # differentiable, so the router's gradient comes back
         weight_Vk = AllToAll.apply(weight_Uk, hop1_received, hop1_sent, t.inter_group)
         expert_Vk = torch.empty(sum(hop1_received), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
@@ -144,14 +146,15 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         recv_counts_RL = _exchange_ints(counts_RL, t.intra_group)
         sizes = torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]).tolist()
         hop2_sent, hop2_received, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
-        received_MH = AllToAll.apply(rows_VH[row_W], hop2_received, hop2_sent, t.intra_group)
+        # lesson 11: re-encoding rows that arrived in FP8 gives the same values back (`fp8`: power-of-two scales)
+        received_MH = AllToAll.apply(rows_VH[row_W], hop2_received, hop2_sent, t.intra_group, self.wire)
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
                                                  recv_counts_RL.flatten(), output_size=sum(hop2_received))
         regroup_M = torch.argsort(local_expert_M, stable=True)
         ungroup_M = inverse_permutation(regroup_M)
 
-        row_bytes = x_TH.shape[1] * x_TH.element_size()
-        self._count("dispatch", row_bytes, hop1_sent, hop1_received, hop2_sent, hop2_received)
+        self._count("dispatch", dispatch_row_bytes(self.cfg, self.wire), hop1_sent, hop1_received, hop2_sent,
+                    hop2_received)
         meta = ids_Tk.shape[1] * (expert_Uk.element_size() + weight_Uk.element_size())
         self._count("metadata", meta, hop1_sent, hop1_received, [0] * Rn, [0] * Rn)
         self.traffic.add("counts", (Rn - 1) * L * 8, (Rn - 1) * L * 8, 0)

@@ -16,6 +16,7 @@ from torch import nn
 from .capacity import expert_capacity, select_within_capacity
 from .config import MoEConfig
 from .dispatcher import DispatchState
+from .fp8 import FakeQuantFP8
 from .router import Routing, count_per_expert
 from .traffic import Traffic
 
@@ -119,7 +120,10 @@ class LocalDispatcher(nn.Module):
         if beside is not None:  # nothing of ours in flight to hide it behind (lesson 08)
             beside()
         index = rows_by_expert(routing, self.cfg)
-        return x_TH[index.token], index.counts, LocalState(index, routing.weights)
+        rows_RH = x_TH[index.token]
+        if self.cfg.dispatch_dtype is not None:  # lesson 11: what an FP8 dispatch does to the rows, here
+            rows_RH = FakeQuantFP8.apply(rows_RH)
+        return rows_RH, index.counts, LocalState(index, routing.weights)
 
     def combine(self, expert_out_RH: torch.Tensor, state: LocalState) -> torch.Tensor:
         return weighted_sum_by_token(expert_out_RH, state.index, state.weights_Tk)

@@ -74,6 +74,9 @@ class TensorParallelDispatcher(nn.Module):
 
     def __init__(self, cfg: MoEConfig, group=None):
         super().__init__()
+        if cfg.dispatch_dtype is not None:
+            raise ValueError("dispatcher 'tp' sends no rows to the experts (every rank runs every token), so there "
+                             "is no dispatch to send in FP8: leave dispatch_dtype=None, or use an EP dispatcher")
         self.cfg = cfg
         self.group = group
         self.rank, self.world_size = rank_and_size(group)

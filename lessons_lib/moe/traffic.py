@@ -23,8 +23,8 @@ class Traffic:
     """What a dispatcher moved in its last forward pass, counted from the sizes it really used.
 
     Backward sends the row gradients back through the mirror-image collectives: the combine
-    phase's amount again, and the dispatch phase's when the input needs a gradient; the sizes,
-    counts and metadata are not exchanged again."""
+    phase's amount again, and the dispatch phase's rows when the input needs a gradient (in the layer's dtype even
+    where the dispatch went in FP8, lesson 11); the sizes, counts and metadata are not exchanged again."""
 
     phases: dict = field(default_factory=dict)  # name -> PhaseBytes
 
