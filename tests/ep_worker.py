@@ -122,6 +122,11 @@ def lesson11_cases(N):
                 for case, tokens, routing in cases:
                     yield dispatcher, bank, cfg, f"{name}: {case}", tokens, routing, R
             yield dispatcher, bank, MoEConfig(**{**fp8, "top_k": 4 * N}), "fp8: top_k=E", [5] * N, "random", R
+        for name in ("fp8, gelu", "fp8, swiglu + shared"):  # the FP8 bank, against itself on one device
+            for case, tokens, routing in routing_cases(N):
+                yield dispatcher, "fp8", configs[name], f"{name}, fp8 bank: {case}", tokens, routing, R
+            plain = MoEConfig(**{**configs[name].__dict__, "dispatch_dtype": None})
+            yield dispatcher, "fp8", plain, f"{name[5:]}, fp8 bank, bf16 wire", [6] * N, "random", R
 
 
 def hierarchical_cases(N, R):

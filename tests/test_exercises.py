@@ -14,11 +14,11 @@ from lessons_lib.course.exercises import EXERCISES
 SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 09.3 need ranks: below
 
 
-def test_every_lesson_from_01_to_10_has_two_or_three_exercises():
+def test_every_lesson_from_01_to_11_has_two_or_three_exercises():
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11"]
     assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
 
 
@@ -71,6 +71,13 @@ KNOWN = {
     # expert 3's slots are 2, 4, 5; rank 1 starts at its replica 1 (slot 4): pairs of 3 take 4, 5, 2, then 4
     "10.3": ((T([[0, 1, 3], [2, 3, 3]]), T([[3, 0], [3, 1], [3, 2], [1, 3]]), 1),
              T([[4, 0], [5, 1], [2, 3], [1, 4]])),
+    # amax 300: scale 1, 300 rounds to 288 (e4m3 steps of 32 there); amax 3: 3/448 = 2^-7.2, scale 2^-7, so 3 and
+    # 0.5 become 384 and 64; zeros: scale 1
+    "11.1": ((T([[300.0, -1.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]]), 2),
+             (T([[288.0, -1.0, 384.0, 64.0], [0.0, 0.0, 0.0, 0.0]]), T([[1.0, 2.0 ** -7], [1.0, 1.0]]))),
+    "11.2": ((T([[2.0, 3.0, -4.0, 1.0]]), T([[0.5, 4.0]])), T([[1.0, 1.5, -16.0, 4.0]])),
+    # rank 0 of 2 owns experts 0, 1: pairs (0,3) (1,2) (2,3) send 1 + 1 + 2 rows of 7168 + 4·56 bytes
+    "11.3": ((T([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128), 4 * (7168 + 224)),
 }
 
 

@@ -19,8 +19,9 @@ def test_fp8_dispatch_equals_the_single_device_layer_with_the_same_quantization(
                    timeout=900).value
     rows = r["rows"]
     cases = 6 if nproc > 1 else 5
-    per_dispatcher = 2 * (3 * cases + 1)  # banks × (configs × routings + top_k=E)
+    per_dispatcher = 2 * (3 * cases + 1) + 2 * (cases + 1)  # loop, grouped × (configs × routings + top_k=E); fp8
     assert len(rows) == 3 * per_dispatcher + 2 * 3 * 2  # + hierarchical's two node routings
+    assert sum(r["experts"] == "fp8" for r in rows) == 3 * 2 * (cases + 1)
     assert {"grad_input", "grad_experts.w1", "grad_router.weight"} <= set(rows[0]["errors"])
     bad = [(r["dispatcher"], r["experts"], r["case"], r["errors"]) for r in rows
            if not all(e <= TOLERANCE for e in r["errors"].values())]
@@ -89,3 +90,44 @@ def test_fp8_dispatch_changes_the_single_device_output_by_a_bounded_amount():
     y, y8 = exact(x)[0], fp8(x)[0]
     rel = ((y8 - y).norm() / y.norm()).item()
     assert 1e-3 < rel < 0.05, rel  # quantized (not a no-op), within e4m3's few percent
+
+
+def test_fp8_bank_emulation_is_the_scaled_product():
+    """out = (q_x · q_w) · s_x[m] · s_w[n] per expert, rows scaled row-wise and weights column-wise."""
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_dim=32, ffn_dim=16)
+    layer = MoELayer(cfg, experts="fp8")
+    layer.load_full_state_dict(init_full_state_dict(cfg))
+    bank = layer.experts
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3))
+    sizes = [3, 4]
+    y = bank(x, torch.tensor(sizes), sizes)
+    assert "emulated" in bank.path
+    expected = []
+    for e, x_e in enumerate(x.split(sizes)):
+        q_x, s_x = quantize_fp8(x_e, 32)
+        w1 = bank.w1.detach()[e]
+        q_w, s_w = quantize_fp8(w1.t().contiguous(), 32)  # a scale per output column, over H
+        h = torch.nn.functional.gelu((q_x.float() @ q_w.float().t()) * s_x * s_w.t())
+        q_h, s_h = quantize_fp8(h, 16)
+        w2 = bank.w2.detach()[e]
+        q_w2, s_w2 = quantize_fp8(w2.t().contiguous(), 16)
+        expected.append((q_h.float() @ q_w2.float().t()) * s_h * s_w2.t())
+    torch.testing.assert_close(y, torch.cat(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_bank_quantizes_its_weights_once_until_they_change():
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_dim=32, ffn_dim=16)
+    bank = MoELayer(cfg, experts="fp8").experts
+    first = bank.quantized_weights("w1")
+    assert bank.quantized_weights("w1") is first
+    with torch.no_grad():
+        bank.w1.mul_(2)  # what an optimizer step does
+    again = bank.quantized_weights("w1")
+    assert again is not first and torch.equal(again[1], first[1] * 2)
+
+
+def test_fp8_bank_refuses_a_tensor_parallel_slice():
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_dim=32, ffn_dim=16)
+    from lessons_lib.moe.experts_fp8 import Fp8Experts
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        Fp8Experts(cfg, range(2), slice(0, 8))

@@ -439,3 +439,52 @@ def replica_of_pair(placement: torch.Tensor, expert_ids: torch.Tensor, rank: int
     from lessons_lib.moe.placement import Replicas
 
     return Replicas(placement, int(placement.max()) + 1, rank, placement.shape[0]).physical(expert_ids)
+
+
+# ---------------------------------------------------------------- lesson 11
+
+def _fp8_cases(seed: int):
+    x = torch.randn(4, 256, generator=_g(seed)) * 3
+    x[1] = 0.0  # a row of zeros
+    x[2, 5] = 900.0  # an outlier channel in the first tile
+    return x
+
+
+@_exercise("11.1", "quantize rows to FP8, one power-of-two scale per tile",
+           "view the rows as [M, H / tile, tile]; amax of each tile; scale = 2 ** ceil(log2(amax / 448)), 1 where "
+           "amax is 0; q = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn); return (q.float() as [M, H], "
+           "scale [M, H / tile]).",
+           lambda: [("random, tiles of 128", (_fp8_cases(0), 128)),
+                    ("one scale per row", (_fp8_cases(1), 256)),
+                    ("tiny values", (torch.randn(3, 64, generator=_g(2)) * 1e-6, 32))])
+def fp8_quantize(x: torch.Tensor, tile: int):
+    """(the e4m3 values as float32 [M, H], the scales [M, H / tile])."""
+    from lessons_lib.moe.fp8 import quantize_fp8
+
+    q, scale = quantize_fp8(x, tile)
+    return q.float(), scale
+
+
+@_exercise("11.2", "dequantize FP8 rows",
+           "each of the H / tile scales multiplies its tile of the row: view q as [M, H / tile, tile], multiply by "
+           "scale[..., None], view back as [M, H].",
+           lambda: [("tiles of 128", (*fp8_quantize(_fp8_cases(3), 128),)),
+                    ("one scale per row", (*fp8_quantize(_fp8_cases(4), 256),)),
+                    ("no rows", (torch.zeros(0, 256), torch.ones(0, 2)))])
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[M, H] float32 from the e4m3 values (as float32) and their scales."""
+    M, H = q.shape
+    return (q.view(M, scale.shape[1], H // scale.shape[1]) * scale.unsqueeze(-1)).view(M, H)
+
+
+@_exercise("11.3", "the bytes a rank's FP8 dispatch puts on the wire",
+           "each row that goes to another rank carries H bytes of e4m3 values and 4 bytes per scale, one scale "
+           "per tile channels; rows to this rank's own experts stay put. Count the rows per destination rank.",
+           lambda: [("2 ranks", (torch.tensor([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128)),
+                    ("4 ranks, rank 2", (torch.randint(16, (9, 4), generator=_g(5)), 16, 4, 2, 1024, 128)),
+                    ("one rank", (torch.tensor([[0, 1]]), 2, 1, 0, 256, 128))])
+def fp8_dispatch_bytes(expert_ids: torch.Tensor, num_experts: int, world_size: int, rank: int, hidden: int,
+                       tile: int) -> int:
+    """Bytes rank `rank` sends in an FP8 dispatch of its [T, k] expert ids (experts placed contiguously)."""
+    remote = int((expert_ids // (num_experts // world_size) != rank).sum())
+    return remote * (hidden + 4 * (hidden // tile))

@@ -90,10 +90,10 @@ def time_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _bank_on_device(cfg: MoEConfig, device) -> GroupedExperts:
+def bank_on_device(cfg: MoEConfig, device, bank_class=GroupedExperts) -> GroupedExperts:
     """A bank of cfg's experts with random weights drawn on the GPU: the course's per-expert CPU draw of 11·10⁹
     weights would take minutes, and the rate does not depend on the values."""
-    bank = GroupedExperts(cfg, range(0))  # no experts drawn, then E of them put in place
+    bank = bank_class(cfg, range(0))  # no experts drawn, then E of them put in place
     bank.experts = range(cfg.num_experts)
     E, H, F = cfg.num_experts, cfg.hidden_dim, cfg.ffn_dim
     for name, shape in (("w1", (E, H, F)), ("w2", (E, F, H)), ("w3", (E, H, F))):
@@ -108,7 +108,7 @@ def sweep(hidden: int = 7168, tokens: int = 4096, base_k: int = 8, ffns=(8192, 4
     for F in ffns:
         E, k = EXPERT_WIDTH // F, base_k * 2048 // F
         cfg = MoEConfig(num_experts=E, top_k=k, hidden_dim=hidden, ffn_dim=F, activation="swiglu", dtype="bfloat16")
-        bank = GroupedExperts(cfg, range(E)) if E * F * hidden < 2 ** 24 else _bank_on_device(cfg, device)
+        bank = GroupedExperts(cfg, range(E)) if E * F * hidden < 2 ** 24 else bank_on_device(cfg, device)
         bank = bank.to(device)
         M = tokens * k
         sizes = [M // E] * E

@@ -38,6 +38,7 @@ class ExpertBank(nn.Module):
     """
 
     path = "a loop over experts, one GEMM chain each"
+    same_function_as_loop = True  # False for a bank that rounds differently on purpose (lesson 11's FP8 bank)
 
     def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
         super().__init__()

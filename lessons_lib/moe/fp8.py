@@ -71,15 +71,18 @@ _COMPILED: dict = {}
 
 def fused_quantize_fp8(x_MH: torch.Tensor, tile: int = FP8_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_fp8` fused into one kernel by torch.compile on a GPU (read each row once, write FP8 and scales);
-    the plain ops elsewhere, or if compiling fails. The plain function is the reference it is tested against."""
-    if x_MH.device.type != "cuda" or _COMPILED.get("failed"):
-        return quantize_fp8(x_MH, tile)
-    if x_MH.shape[1] % tile:  # the plain function's clear error, not a compiler's
-        return quantize_fp8(x_MH, tile)
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(quantize_fp8, dynamic=True)
+    the plain ops elsewhere, or if compiling fails. The plain function is the reference it is tested against.
+    One compiled function per tile size, with the tile a constant and only the row count dynamic: a reduction
+    whose length the compiler does not know runs several times slower."""
+    if x_MH.device.type != "cuda" or _COMPILED.get("failed") or x_MH.shape[1] % tile:
+        return quantize_fp8(x_MH, tile)  # (the last: the plain function's clear error, not a compiler's)
+    if tile not in _COMPILED:
+        def quantize_tiles(x):
+            return quantize_fp8(x, tile)
+        _COMPILED[tile] = torch.compile(quantize_tiles)
     try:
-        return _COMPILED["fn"](x_MH, tile)
+        torch._dynamo.mark_dynamic(x_MH, 0)  # the rows a rank receives change every step
+        return _COMPILED[tile](x_MH)
     except Exception as e:  # noqa: BLE001 (no working compiler here: the plain ops are right, only slower)
         _COMPILED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return quantize_fp8(x_MH, tile)

@@ -28,6 +28,7 @@ from .dispatcher import Dispatcher, DispatchState
 from .distributed import rank_and_size
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
+from .experts_fp8 import Fp8Experts
 from .hash_router import HashRouter
 from .init import expert_weight_shapes
 from .load_balancing import SigmoidBiasRouter, router_z_loss
@@ -54,6 +55,7 @@ EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "loop": LoopExperts,  # lesson 01: one expert after the other
     "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
     "grouped": GroupedExperts,  # lesson 04: one grouped GEMM over variable-size groups
+    "fp8": Fp8Experts,  # lesson 11: the grouped GEMMs in FP8
 }
 
 

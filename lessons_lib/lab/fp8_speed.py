@@ -1,0 +1,214 @@
+"""What FP8 buys on one GPU (lesson 11): the expert GEMMs and the quantization of the dispatch rows.
+
+At one EP = 2 rank's share of DeepSeek-V3's MoE (32 experts × 1024 rows, H 7168, F 2048, bf16), on one GPU:
+- `gemm_rates`: one grouped GEMM [32768, 7168] x [32, 7168, 2048], bf16 `torch._grouped_mm` against FP8
+  `torch._scaled_grouped_mm` (weights and rows already quantized): the kernels alone;
+- `bank_forwards`: the course's `GroupedExperts` against `Fp8Experts`, SwiGLU, forward, the quantization of the
+  rows (both GEMMs' inputs) included, the weights quantized once beforehand, as when serving; and how far the
+  FP8 kernel's output is from the bank's emulation and from bf16;
+- `quantizer_times`: quantizing the [32768, 7168] dispatch rows, one scale per row and one per 128 channels,
+  with the plain PyTorch ops and fused by torch.compile (checked bit for bit against the plain ops), next to the
+  floor: the bytes read and written at the copy bandwidth measured in the same run.
+CUDA events, median of repeats.
+
+    python -m lessons_lib.lab.fp8_speed --out images/fp8_1xh200.json   (GPU; --plot redraws the figure)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..moe.config import MoEConfig
+from ..moe.experts_batched import flops_per_row
+from ..moe.experts_fp8 import Fp8Experts, quantize_columns, quantize_rows
+from ..moe.fp8 import fused_quantize_fp8, quantize_fp8
+from .granularity import bank_on_device, time_ms
+from .records import record_header
+
+SHAPE = {"num_experts": 32, "rows_per_expert": 1024, "hidden_dim": 7168, "ffn_dim": 2048}
+
+
+def _rows(device, rows: int, hidden: int) -> torch.Tensor:
+    return torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+
+
+def gemm_rates(shape=SHAPE) -> dict:
+    device = torch.device("cuda")
+    E, m, H, F = (shape[k] for k in ("num_experts", "rows_per_expert", "hidden_dim", "ffn_dim"))
+    x = _rows(device, E * m, H)
+    w = torch.randn(E, H, F, device=device, dtype=torch.bfloat16) / H ** 0.5
+    offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * m
+    q_x, s_x = quantize_rows(x)
+    q_wt, s_w = quantize_columns(w)
+    flops = 2 * E * m * H * F
+    bf16 = time_ms(lambda: torch._grouped_mm(x, w, offs=offs))
+    fp8 = time_ms(lambda: torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w, offs=offs,
+                                                   out_dtype=torch.bfloat16))
+    fast = time_ms(lambda: torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w, offs=offs,
+                                                    out_dtype=torch.bfloat16, use_fast_accum=True))
+    out = {"bf16_ms": bf16, "bf16_tflops": flops / bf16 / 1e9, "fp8_ms": fp8, "fp8_tflops": flops / fp8 / 1e9,
+           "fp8_fast_accum_ms": fast, "fp8_fast_accum_tflops": flops / fast / 1e9}
+    print("GEMM alone", out, flush=True)
+    return out
+
+
+def bank_forwards(shape=SHAPE) -> dict:
+    device = torch.device("cuda")
+    E, m, H, F = (shape[k] for k in ("num_experts", "rows_per_expert", "hidden_dim", "ffn_dim"))
+    cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=H, ffn_dim=F, activation="swiglu", dtype="bfloat16")
+    bf16 = bank_on_device(cfg, device).to(device)
+    fp8 = bank_on_device(cfg, device, Fp8Experts).to(device)
+    for name in ("w1", "w2", "w3"):
+        getattr(fp8, name).data.copy_(getattr(bf16, name).data)
+    x = _rows(device, E * m, H)
+    sizes = [m] * E
+    counts = torch.tensor(sizes, device=device)
+    with torch.no_grad():
+        y_bf16, y_fp8 = bf16(x, counts, sizes), fp8(x, counts, sizes)  # also quantizes fp8's weights, once
+        path = fp8.path
+        fp8.emulate = True
+        y_emulated = fp8(x, counts, sizes)
+        fp8.emulate = False
+        t_bf16 = time_ms(lambda: bf16(x, counts, sizes))
+        t_fp8 = time_ms(lambda: fp8(x, counts, sizes))
+        # where the time goes: the rows' quantization and the activation, alone
+        h1 = torch.empty(E * m, 2 * F, device=device, dtype=torch.bfloat16)
+        t_quantize_x = time_ms(lambda: quantize_rows(x))
+        t_activation = time_ms(lambda: torch.nn.functional.silu(h1[:, :F]) * h1[:, F:])
+        hidden = x[:, :F].contiguous()
+        t_quantize_h = time_ms(lambda: quantize_rows(hidden))
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    flops = E * m * flops_per_row(cfg)
+    out = {"bf16_ms": t_bf16, "bf16_tflops": flops / t_bf16 / 1e9, "fp8_ms": t_fp8, "fp8_tflops": flops / t_fp8 / 1e9,
+           "speedup": t_bf16 / t_fp8, "fp8_path": path, "bf16_path": bf16.path,
+           "kernel_vs_emulation_rel_error": rel(y_fp8, y_emulated), "fp8_vs_bf16_rel_error": rel(y_fp8, y_bf16),
+           "parts_ms": {"quantize rows [M, H]": t_quantize_x, "activation": t_activation,
+                        "quantize hidden [M, F]": t_quantize_h}}
+    print("bank forward", out, flush=True)
+    return out
+
+
+def quantizer_times(rows: int = SHAPE["num_experts"] * SHAPE["rows_per_expert"],
+                    hidden: int = SHAPE["hidden_dim"]) -> dict:
+    device = torch.device("cuda")
+    x = _rows(device, rows, hidden)
+    copy = time_ms(lambda: x.clone())
+    bandwidth = 2 * x.numel() * 2 / copy / 1e6  # GB/s (copy in ms): read and write every byte
+    out = {"copy_ms": copy, "copy_GB_per_s": bandwidth, "tiles": {}}
+    for name, tile in (("per 128 channels", 128), ("per row", hidden)):
+        q, s = quantize_fp8(x, tile)
+        fq, fs = fused_quantize_fp8(x, tile)  # compiles on the first call
+        moved = x.numel() * 2 + q.numel() + s.numel() * 4
+        out["tiles"][name] = {
+            "plain_ms": time_ms(lambda: quantize_fp8(x, tile)),
+            "fused_ms": time_ms(lambda: fused_quantize_fp8(x, tile)),
+            "floor_ms": moved / bandwidth / 1e6,
+            "fused_equals_plain": bool(torch.equal(q.view(torch.uint8), fq.view(torch.uint8)) and torch.equal(s, fs))}
+        print("quantize", name, out["tiles"][name], flush=True)
+    return out
+
+
+def backward_check(shape=SHAPE, rows_per_expert: int = 256) -> dict:
+    """The FP8 bank's straight-through backward with torch's grouped GEMM kernel against the same with the
+    emulation's loop of mm: relative error of the input's and each weight's gradient (bf16)."""
+    device = torch.device("cuda")
+    E, H, F = shape["num_experts"], shape["hidden_dim"], shape["ffn_dim"]
+    cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=H, ffn_dim=F, activation="swiglu", dtype="bfloat16")
+    bank = bank_on_device(cfg, device, Fp8Experts).to(device)
+    sizes = [rows_per_expert] * E
+    counts = torch.tensor(sizes, device=device)
+    x = _rows(device, E * rows_per_expert, H).requires_grad_()
+    g = _rows(device, E * rows_per_expert, H)
+    grads = []
+    for emulate in (False, True):
+        bank.emulate = emulate
+        grads.append(torch.autograd.grad(bank(x, counts, sizes), [x, bank.w1, bank.w2, bank.w3], g))
+    bank.emulate = False
+    out = {name: ((a.float() - b.float()).norm() / b.float().norm()).item()
+           for name, a, b in zip(("input", "w1", "w2", "w3"), *grads)}
+    print("backward, kernel vs emulation", out, flush=True)
+    return out
+
+
+def layer_check() -> dict:
+    """World size 1 over NCCL: the FP8 dispatch (fused quantizer, uint8 payload) through 'allgather', 'alltoall'
+    and 'hierarchical', with the grouped and FP8 banks, against the single-device layer with the same
+    quantization, fp32: worst relative error of outputs and gradients."""
+    import torch.distributed as dist
+
+    from .equivalence import compare_with_single_device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29534", rank=0, world_size=1)
+    device = torch.device("cuda")
+    out = {}
+    for dispatcher in ("allgather", "alltoall", "hierarchical"):
+        for bank in ("grouped", "fp8"):
+            cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=256, ffn_dim=128, activation="swiglu",
+                            shared_ffn_dim=64, dispatch_dtype="float8_e4m3fn")
+            errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=[64], device=device,
+                                                ranks_per_node=1 if dispatcher == "hierarchical" else None)
+            out[f"{dispatcher}/{bank}"] = max(errors.values())
+    print("layer against single device", out, flush=True)
+    return out
+
+
+def plot_record(record: dict):
+    """Two panels: the GEMM and the bank forward in TFLOP/s, bf16 against FP8; the quantizer's times against the
+    floor. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    g, k = record["gemm"], record["bank_forward"]
+    labels = ["grouped GEMM alone", "bank forward\n(SwiGLU, quantizing included)"]
+    for i, (key, color) in enumerate((("bf16", "tab:blue"), ("fp8", "tab:orange"))):
+        vals = [g[f"{key}_tflops"], k[f"{key}_tflops"]]
+        bars = a.bar([j + 0.38 * i for j in range(2)], vals, width=0.36, color=color, label=key)
+        a.bar_label(bars, fmt="%.0f", fontsize=8)
+    a.set_xticks([0.19, 1.19], labels, fontsize=8)
+    a.set_ylabel("TFLOP/s")
+    a.set_title("32 experts × 1024 rows, H 7168, F 2048", fontsize=9)
+    a.legend(fontsize=8)
+    tiles = record["quantizer"]["tiles"]
+    names = list(tiles)
+    for i, (key, color) in enumerate((("plain_ms", "tab:gray"), ("fused_ms", "tab:green"), ("floor_ms", "k"))):
+        bars = b.bar([j + 0.27 * i for j in range(len(names))], [tiles[n][key] for n in names], width=0.25,
+                     color=color, label={"plain_ms": "plain ops", "fused_ms": "torch.compile",
+                                         "floor_ms": "bytes / copy bandwidth"}[key])
+        b.bar_label(bars, fmt="%.2f", fontsize=8)
+    b.set_xticks([j + 0.27 for j in range(len(names))], names, fontsize=8)
+    b.set_ylabel("ms")
+    b.set_title("quantizing [32768, 7168] bf16 rows to FP8", fontsize=9)
+    b.legend(fontsize=8)
+    fig.suptitle(f"{record['device']}, torch {record['torch']}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="images/fp8_1xh200.json")
+    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
+    a = p.parse_args(argv)
+    if a.plot:
+        with open(a.out) as f:
+            plot_record(json.load(f)).savefig(a.out.replace(".json", ".png"), dpi=110)
+        return
+    device = torch.device("cuda")
+    record = record_header("lessons_lib.lab.fp8_speed", device, argv, torchrun=False) | {"shape": SHAPE}
+    record["quantizer"] = quantizer_times()
+    record["gemm"] = gemm_rates()
+    record["bank_forward"] = bank_forwards()
+    record["backward_kernel_vs_emulation"] = backward_check()
+    record["layer_vs_single_device_fp32"] = layer_check()
+    with open(a.out, "w") as f:
+        json.dump(record, f, indent=1)
+    plot_record(record).savefig(a.out.replace(".json", ".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

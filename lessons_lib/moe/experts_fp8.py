@@ -1,0 +1,155 @@
+"""An expert bank whose grouped GEMMs run in FP8 (lesson 11).
+
+Each GEMM multiplies e4m3 rows by e4m3 weights and accumulates in fp32: the rows get one scale each (row-wise),
+the weights one per output column of each expert (column-wise), and the product is rescaled by both,
+out[m, n] = (q_x[m] · q_w[:, n]) · s_x[m] · s_w[n]. On a Hopper GPU that is `torch._scaled_grouped_mm`, which
+runs about 1.5 times the bf16 grouped GEMM's rate (lesson 11's record). Elsewhere the bank computes the same
+numbers the slow way (quantize, dequantize, grouped GEMM in fp32), so a CPU checks the same arithmetic.
+
+Only the forward runs in FP8. The backward multiplies in the layer's dtype with the unquantized rows and weights,
+treating the quantization as the identity (straight-through): a common simplification, which DeepSeek-V3 does not
+make (it runs its backward GEMMs in FP8 too). The weights are quantized once per change: while serving, once.
+
+Shapes as in `dispatcher`: L experts held here, M rows grouped by local expert, H hidden, F inner size.
+"""
+from __future__ import annotations
+
+import torch
+
+from .experts import activate
+from .experts_batched import GroupedExperts
+from .fp8 import dequantize_fp8, fused_quantize_fp8, quantize_fp8
+
+_PROBED: dict = {}
+
+
+def scaled_grouped_mm_support(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> tuple[bool, str]:
+    """Whether `torch._scaled_grouped_mm` runs here, and why not: it needs a Hopper GPU (sm_90), bf16 out, and
+    GEMM widths that are multiples of 16. Probed once per device by a tiny product."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    if device.type != "cuda":
+        return False, f"no FP8 grouped GEMM on {device.type}: emulated (quantize, dequantize, fp32 GEMM)"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False, f"torch's FP8 grouped GEMM is built for sm_90; {torch.cuda.get_device_name(device)} is not"
+    if dtype != torch.bfloat16:
+        return False, f"the FP8 grouped GEMM writes bfloat16, the layer is {dtype}"
+    if any(w % 16 for w in widths):
+        return False, f"the FP8 grouped GEMM needs widths that are multiples of 16, got {widths}"
+    key = str(device)
+    if key not in _PROBED:
+        try:
+            x = torch.randn(32, 32, device=device)
+            w = torch.randn(2, 32, 32, device=device)
+            q_x, s_x, q_wt, s_w = *quantize_rows(x), *quantize_columns(w)
+            torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w,
+                                     offs=torch.tensor([16, 32], device=device, dtype=torch.int32),
+                                     out_dtype=torch.bfloat16)
+            _PROBED[key] = (True, "torch._scaled_grouped_mm (FP8)")
+        except RuntimeError as e:
+            _PROBED[key] = (False, f"torch._scaled_grouped_mm failed here: {str(e).splitlines()[0]}")
+    return _PROBED[key]
+
+
+def quantize_rows(x_MK: torch.Tensor):
+    """(q [M, K] e4m3, scales [M]): one scale per row."""
+    q, scale = fused_quantize_fp8(x_MK, x_MK.shape[1])
+    return q, scale.squeeze(1)
+
+
+def quantize_columns(w_LKN: torch.Tensor):
+    """(q_t [L, N, K] e4m3, scales [L, N]): one scale per output column of each expert. Stored transposed,
+    [L, N, K] contiguous, which is the column-major right operand the FP8 kernel takes."""
+    L, K, N = w_LKN.shape
+    q, scale = quantize_fp8(w_LKN.transpose(1, 2).reshape(L * N, K), K)
+    return q.view(L, N, K), scale.view(L, N)
+
+
+def _grouped_mm_plain(a, b, sizes, offs, kernel: bool):
+    """a [M, K] @ b[g] [K, N] per group of rows, in the inputs' dtype (the backward's GEMMs)."""
+    if kernel:
+        return torch._grouped_mm(a, b, offs=offs)
+    out = a.new_empty(a.shape[0], b.shape[2])
+    for g, (a_g, out_g) in enumerate(zip(a.split(sizes), out.split(sizes))):
+        torch.mm(a_g, b[g], out=out_g)
+    return out
+
+
+def _weight_grad(x, grad, sizes, offs, kernel: bool):
+    """[L, K, N]: per group, x_gᵀ · grad_g."""
+    if kernel:
+        return torch._grouped_mm(x.t(), grad, offs=offs)
+    return torch.stack([x_g.t() @ g_g for x_g, g_g in zip(x.split(sizes), grad.split(sizes))])
+
+
+class Fp8GroupedMM(torch.autograd.Function):
+    """[M, K] rows grouped by expert times each of `weights` ([L, K, N_i]): one FP8 grouped GEMM over the weights
+    side by side (w1 and w3 share their input, so they share its quantization and the launch), -> [M, Σ N_i] in
+    the rows' dtype. Backward: straight-through, in the rows' dtype."""
+
+    @staticmethod
+    def forward(ctx, x_MK, sizes, offs, kernel: bool, q_w, *weights):
+        ctx.save_for_backward(x_MK, offs, *weights)
+        ctx.sizes, ctx.kernel = sizes, kernel
+        q_wt, s_w = q_w  # [L, ΣN, K], [L, ΣN]
+        q_x, s_x = quantize_rows(x_MK)
+        if kernel:
+            return torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w, offs=offs, out_dtype=x_MK.dtype)
+        # the same numbers, emulated: dequantize both, multiply in fp32
+        x_deq = dequantize_fp8(q_x, s_x.unsqueeze(1), torch.float32)
+        L, N, K = q_wt.shape
+        w_deq = dequantize_fp8(q_wt.reshape(L * N, K), s_w.reshape(L * N, 1), torch.float32).view(L, N, K)
+        return _grouped_mm_plain(x_deq, w_deq.transpose(1, 2), sizes, None, False).to(x_MK.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offs, *weights = ctx.saved_tensors
+        sizes, kernel = ctx.sizes, ctx.kernel
+        grads = grad.split([w.shape[2] for w in weights], dim=1)
+        grad_x = sum(_grouped_mm_plain(g.contiguous(), w.transpose(1, 2), sizes, offs, kernel)
+                     for g, w in zip(grads, weights))
+        grad_ws = [_weight_grad(x, g.contiguous(), sizes, offs, kernel) for g in grads]
+        return (grad_x, None, None, None, None, *grad_ws)
+
+
+class Fp8Experts(GroupedExperts):
+    """The grouped bank of lesson 04 with its GEMMs in FP8; `.path` says whether the kernel ran or the emulation."""
+
+    same_function_as_loop = False  # it rounds to FP8: the single-device reference must run this bank too
+    emulate = False  # True: the emulation even where the kernel runs (lesson 11's record compares the two)
+
+    def __init__(self, cfg, experts: range, ffn_slice: slice | None = None):
+        if ffn_slice is not None and ffn_slice != slice(0, cfg.ffn_dim):
+            raise ValueError("experts 'fp8' scales each column of w2 over the whole F; a tensor-parallel rank holds "
+                             "a slice of F and would scale it differently: use it with an EP dispatcher")
+        super().__init__(cfg, experts, ffn_slice)
+        self._quantized: dict = {}  # weight names -> (versions, quantized weights)
+
+    def quantized_weights(self, *names: str):
+        """The FP8 weights of `names` side by side, [L, ΣN, K] and their scales [L, ΣN]; quantized again only
+        when a weight has changed (an optimizer step), so serving quantizes once."""
+        weights = [getattr(self, n) for n in names]
+        stamp = tuple((w._version, w.data_ptr()) for w in weights)
+        cached = self._quantized.get(names)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                parts = [quantize_columns(w) for w in weights]
+                q = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+            self._quantized[names] = cached = (stamp, q)
+        return cached[1]
+
+    def forward(self, x_MH: torch.Tensor, counts_L: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        F = self.w1.shape[-1]
+        kernel, why = scaled_grouped_mm_support(x_MH.device, x_MH.dtype, (self.cfg.hidden_dim, F))
+        if kernel and self.emulate:
+            kernel, why = False, "emulated (quantize, dequantize, fp32 GEMM): Fp8Experts.emulate is set"
+        self.path = why
+        offs = torch.cumsum(counts_L, 0).to(torch.int32) if kernel else None
+        if not kernel and sizes is None:
+            sizes = counts_L.tolist()  # the emulation slices on the host
+        first = ("w1", "w3") if self.cfg.activation == "swiglu" else ("w1",)
+        h = Fp8GroupedMM.apply(x_MH, sizes, offs, kernel, self.quantized_weights(*first),
+                               *[getattr(self, n) for n in first])
+        h1, h3 = (h[:, :F], h[:, F:]) if len(first) == 2 else (h, None)
+        hidden = activate(h1, h3, self.cfg.activation)
+        return Fp8GroupedMM.apply(hidden, sizes, offs, kernel, self.quantized_weights("w2"), self.w2)
