@@ -317,6 +317,18 @@ def main():
                               generator=torch.Generator(device).manual_seed(rank)))
             result["bytes"][dtype or "float8_e4m3fn"] = {phase: vars(b) for phase, b in
                                                          layer.dispatcher.traffic.phases.items()}
+    elif p["mode"] == "lesson11_fp4":  # the FP4 bank, with and without FP8 dispatch, against itself on one device
+        from lessons_lib.lab.equivalence import routing_cases
+        result = []
+        kw = dict(num_experts=4 * world_size, top_k=2, hidden_dim=128, ffn_dim=64, activation="swiglu")
+        for dispatcher in ("alltoall", "hierarchical"):
+            for case, tokens, routing in routing_cases(world_size)[:3]:
+                for wire in (None, "float8_e4m3fn"):
+                    cfg = MoEConfig(**kw, dispatch_dtype=wire)
+                    errors = compare_with_single_device(cfg, dispatcher, "fp4", tokens_per_rank=tokens,
+                                                        routing=routing, device=device,
+                                                        ranks_per_node=1 if dispatcher == "hierarchical" else None)
+                    result.append({"dispatcher": dispatcher, "case": f"{case}, wire {wire}", "errors": errors})
     elif p["mode"] == "overlap_bitwise":
         result = overlap_bitwise(rank, world_size, device)
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops

@@ -76,17 +76,21 @@ def traffic_per_token(cfg: MoEConfig, world_size: int, ms=(1, 2, 4, 8), tokens: 
     return rows
 
 
-def time_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
+def time_ms(fn, repeats: int = 10, warmup: int = 3, calls: int = 1) -> float:
+    """Median GPU milliseconds of one call of fn, by CUDA events. calls > 1: the events enclose that many calls
+    back to back, so the host's launching overlaps the GPU's work, as in a model's forward; calls = 1 also
+    counts the time the GPU waits for the first launch."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

@@ -167,7 +167,7 @@ class GroupedExperts(ExpertBank):
 
     def forward(self, x_MH: torch.Tensor, counts_L: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         ok, why = grouped_mm_support(x_MH.device, x_MH.dtype, self.cfg, reference_ok=self.use_reference_kernel,
-                                     ffn_dim=self.w1.shape[-1])
+                                     ffn_dim=self.ffn_slice.stop - self.ffn_slice.start)
         if ok:
             self.path = why
             offs = torch.cumsum(counts_L, 0).to(torch.int32)  # end row of each group; no host sync
@@ -184,12 +184,18 @@ class GroupedExperts(ExpertBank):
             def mm(a, w):
                 return LoopedGroupedMM.apply(a, w, sizes)
 
-        h3 = mm(x_MH, self.w3) if self.cfg.activation == "swiglu" else None
-        return mm(activate(mm(x_MH, self.w1), h3, self.cfg.activation), self.w2)
+        w1, w2, w3 = self.weights()
+        h3 = mm(x_MH, w3) if w3 is not None else None
+        return mm(activate(mm(x_MH, w1), h3, self.cfg.activation), w2)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(w1, w2, w3 or None) as the GEMMs use them: the parameters here; lesson 11's FP4 bank dequantizes."""
+        return self.w1, self.w2, self.w3 if self.cfg.activation == "swiglu" else None
 
     def _equal_groups(self, x_MH: torch.Tensor, m: int) -> torch.Tensor:
         """A grouped GEMM whose groups all have m rows is a batched GEMM: [L, m, H] is a view of x_MH, no padding."""
         x_LmH = x_MH.reshape(self.num_local_experts, m, x_MH.shape[1])
-        h3 = torch.bmm(x_LmH, self.w3) if self.cfg.activation == "swiglu" else None
-        y = torch.bmm(activate(torch.bmm(x_LmH, self.w1), h3, self.cfg.activation), self.w2)
+        w1, w2, w3 = self.weights()
+        h3 = torch.bmm(x_LmH, w3) if w3 is not None else None
+        y = torch.bmm(activate(torch.bmm(x_LmH, w1), h3, self.cfg.activation), w2)
         return y.reshape(x_MH.shape)

@@ -3,12 +3,14 @@
 Each GEMM multiplies e4m3 rows by e4m3 weights and accumulates in fp32: the rows get one scale each (row-wise),
 the weights one per output column of each expert (column-wise), and the product is rescaled by both,
 out[m, n] = (q_x[m] · q_w[:, n]) · s_x[m] · s_w[n]. On a Hopper GPU that is `torch._scaled_grouped_mm`, which
-runs about 1.5 times the bf16 grouped GEMM's rate (lesson 11's record). Elsewhere the bank computes the same
+runs faster than the bf16 grouped GEMM (lesson 11's record). Elsewhere the bank computes the same
 numbers the slow way (quantize, dequantize, grouped GEMM in fp32), so a CPU checks the same arithmetic.
 
 Only the forward runs in FP8. The backward multiplies in the layer's dtype with the unquantized rows and weights,
 treating the quantization as the identity (straight-through): a common simplification, which DeepSeek-V3 does not
 make (it runs its backward GEMMs in FP8 too). The weights are quantized once per change: while serving, once.
+Serving (no autograd) also lets the activation write the second GEMM's FP8 rows directly (`activate_and_quantize`,
+one kernel on a GPU).
 
 Shapes as in `dispatcher`: L experts held here, M rows grouped by local expert, H hidden, F inner size.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fp8_rows_kernel
 from .experts import activate
 from .experts_batched import GroupedExperts
 from .fp8 import dequantize_fp8, fused_quantize_fp8, quantize_fp8
@@ -52,7 +55,9 @@ def scaled_grouped_mm_support(device: torch.device, dtype: torch.dtype, widths: 
 
 
 def quantize_rows(x_MK: torch.Tensor):
-    """(q [M, K] e4m3, scales [M]): one scale per row."""
+    """(q [M, K] e4m3, scales [M]): one scale per row. bf16 rows on a GPU: one pass of `fp8_rows_kernel`."""
+    if fp8_rows_kernel.usable(x_MK):
+        return fp8_rows_kernel.rows_to_fp8(x_MK)
     q, scale = fused_quantize_fp8(x_MK, x_MK.shape[1])
     return q, scale.squeeze(1)
 
@@ -63,6 +68,14 @@ def quantize_columns(w_LKN: torch.Tensor):
     L, K, N = w_LKN.shape
     q, scale = quantize_fp8(w_LKN.transpose(1, 2).reshape(L * N, K), K)
     return q.view(L, N, K), scale.view(L, N)
+
+
+def activate_and_quantize(h1, h3, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, row scales [M]) of activate(h1, h3): on a GPU (bf16) one pass of `fp8_rows_kernel`, which writes the
+    FP8 rows without writing the activation first; the plain ops elsewhere."""
+    if fp8_rows_kernel.usable(h1):
+        return fp8_rows_kernel.rows_to_fp8(h1, h3, activation)
+    return quantize_rows(activate(h1, h3, activation).contiguous())
 
 
 def _grouped_mm_plain(a, b, sizes, offs, kernel: bool):
@@ -82,24 +95,31 @@ def _weight_grad(x, grad, sizes, offs, kernel: bool):
     return torch.stack([x_g.t() @ g_g for x_g, g_g in zip(x.split(sizes), grad.split(sizes))])
 
 
+def fp8_grouped_mm(q_x, s_x, q_w, sizes, offs, kernel: bool, fast_accum: bool, out_dtype) -> torch.Tensor:
+    """Quantized rows (q_x [M, K], s_x [M]) times quantized weights (q_wt [L, N, K], s_w [L, N]) per group of
+    rows -> [M, N] in out_dtype: the FP8 kernel, or the same numbers emulated (dequantize both, fp32 GEMM).
+    fast_accum: the kernel's faster, less precise accumulation (torchao's float8 training uses it for the forward
+    GEMM); the emulation always accumulates in fp32."""
+    q_wt, s_w = q_w
+    if kernel:
+        return torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w, offs=offs, out_dtype=out_dtype,
+                                        use_fast_accum=fast_accum)
+    x_deq = dequantize_fp8(q_x, s_x.unsqueeze(1), torch.float32)
+    L, N, K = q_wt.shape
+    w_deq = dequantize_fp8(q_wt.reshape(L * N, K), s_w.reshape(L * N, 1), torch.float32).view(L, N, K)
+    return _grouped_mm_plain(x_deq, w_deq.transpose(1, 2), sizes, None, False).to(out_dtype)
+
+
 class Fp8GroupedMM(torch.autograd.Function):
     """[M, K] rows grouped by expert times each of `weights` ([L, K, N_i]): one FP8 grouped GEMM over the weights
     side by side (w1 and w3 share their input, so they share its quantization and the launch), -> [M, Σ N_i] in
     the rows' dtype. Backward: straight-through, in the rows' dtype."""
 
     @staticmethod
-    def forward(ctx, x_MK, sizes, offs, kernel: bool, q_w, *weights):
+    def forward(ctx, x_MK, sizes, offs, kernel: bool, fast_accum: bool, q_w, *weights):
         ctx.save_for_backward(x_MK, offs, *weights)
         ctx.sizes, ctx.kernel = sizes, kernel
-        q_wt, s_w = q_w  # [L, ΣN, K], [L, ΣN]
-        q_x, s_x = quantize_rows(x_MK)
-        if kernel:
-            return torch._scaled_grouped_mm(q_x, q_wt.transpose(-2, -1), s_x, s_w, offs=offs, out_dtype=x_MK.dtype)
-        # the same numbers, emulated: dequantize both, multiply in fp32
-        x_deq = dequantize_fp8(q_x, s_x.unsqueeze(1), torch.float32)
-        L, N, K = q_wt.shape
-        w_deq = dequantize_fp8(q_wt.reshape(L * N, K), s_w.reshape(L * N, 1), torch.float32).view(L, N, K)
-        return _grouped_mm_plain(x_deq, w_deq.transpose(1, 2), sizes, None, False).to(x_MK.dtype)
+        return fp8_grouped_mm(*quantize_rows(x_MK), q_w, sizes, offs, kernel, fast_accum, x_MK.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,7 +129,7 @@ class Fp8GroupedMM(torch.autograd.Function):
         grad_x = sum(_grouped_mm_plain(g.contiguous(), w.transpose(1, 2), sizes, offs, kernel)
                      for g, w in zip(grads, weights))
         grad_ws = [_weight_grad(x, g.contiguous(), sizes, offs, kernel) for g in grads]
-        return (grad_x, None, None, None, None, *grad_ws)
+        return (grad_x, None, None, None, None, None, *grad_ws)
 
 
 class Fp8Experts(GroupedExperts):
@@ -117,6 +137,7 @@ class Fp8Experts(GroupedExperts):
 
     same_function_as_loop = False  # it rounds to FP8: the single-device reference must run this bank too
     emulate = False  # True: the emulation even where the kernel runs (lesson 11's record compares the two)
+    fast_accum = True  # the kernel's fast accumulation in the forward GEMMs (the record measures both)
 
     def __init__(self, cfg, experts: range, ffn_slice: slice | None = None):
         if ffn_slice is not None and ffn_slice != slice(0, cfg.ffn_dim):
@@ -148,8 +169,14 @@ class Fp8Experts(GroupedExperts):
         if not kernel and sizes is None:
             sizes = counts_L.tolist()  # the emulation slices on the host
         first = ("w1", "w3") if self.cfg.activation == "swiglu" else ("w1",)
-        h = Fp8GroupedMM.apply(x_MH, sizes, offs, kernel, self.quantized_weights(*first),
-                               *[getattr(self, n) for n in first])
+        q_first, q_w2 = self.quantized_weights(*first), self.quantized_weights("w2")
+        fast = kernel and self.fast_accum
+        if not torch.is_grad_enabled():  # serving: no graph to keep, so the activation can write FP8 directly
+            h = fp8_grouped_mm(*quantize_rows(x_MH), q_first, sizes, offs, kernel, fast, x_MH.dtype)
+            h1, h3 = (h[:, :F], h[:, F:]) if len(first) == 2 else (h, None)
+            q_h, s_h = activate_and_quantize(h1, h3, self.cfg.activation)
+            return fp8_grouped_mm(q_h, s_h, q_w2, sizes, offs, kernel, fast, x_MH.dtype)
+        h = Fp8GroupedMM.apply(x_MH, sizes, offs, kernel, fast, q_first, *[getattr(self, n) for n in first])
         h1, h3 = (h[:, :F], h[:, F:]) if len(first) == 2 else (h, None)
         hidden = activate(h1, h3, self.cfg.activation)
-        return Fp8GroupedMM.apply(hidden, sizes, offs, kernel, self.quantized_weights("w2"), self.w2)
+        return Fp8GroupedMM.apply(hidden, sizes, offs, kernel, fast, q_w2, self.w2)

@@ -28,6 +28,7 @@ from .dispatcher import Dispatcher, DispatchState
 from .distributed import rank_and_size
 from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
+from .experts_fp4 import Fp4Experts
 from .experts_fp8 import Fp8Experts
 from .hash_router import HashRouter
 from .init import expert_weight_shapes
@@ -56,6 +57,7 @@ EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
     "grouped": GroupedExperts,  # lesson 04: one grouped GEMM over variable-size groups
     "fp8": Fp8Experts,  # lesson 11: the grouped GEMMs in FP8
+    "fp4": Fp4Experts,  # lesson 11: FP4 (MXFP4) weights, dequantized before each GEMM
 }
 
 
@@ -180,7 +182,8 @@ class MoELayer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.experts.w1.device  # every bank has w1; the hash router has no weight
+        # every bank holds its weights (a frozen FP4 bank as buffers); the hash router has no weight
+        return next(iter([*self.experts.parameters(), *self.experts.buffers()])).device
 
     def check_input(self, x, token_ids=None) -> None:
         """A clear ValueError for an input this layer cannot take, raised on every rank of a parallel layer
