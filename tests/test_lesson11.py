@@ -210,8 +210,8 @@ def test_fp4_bank_output_error_is_bounded_and_its_gradient_is_straight_through()
     assert fp4.experts.w1.grad is not None and fp4.experts.w1.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_fp4_and_fp8_banks_under_ep_equal_themselves_on_one_device(nproc):
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_fp4_bank_with_and_without_fp8_dispatch_under_ep_equals_itself_on_one_device(nproc):
     r = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "lesson11_fp4"}, stream=False,
                    timeout=600).value
     assert len(r) == 2 * 6
@@ -248,3 +248,49 @@ def test_fp8_row_kernel_equals_the_plain_quantizer_on_a_gpu():
         assert (q.view(torch.uint8) == q0.view(torch.uint8)).float().mean() > 0.999  # exp/erf: last-bit differences
         torch.testing.assert_close(dequantize_fp8(q, s.unsqueeze(1), torch.float32),
                                    dequantize_fp8(q0, s0, torch.float32), rtol=0.07, atol=1e-3)
+
+
+def test_fp4_bank_leaves_the_shared_expert_unrounded():
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=64, ffn_dim=64, activation="swiglu", shared_ffn_dim=96)
+    sd = init_full_state_dict(cfg)
+    fp4 = MoELayer(cfg, experts="fp4")
+    fp4.load_full_state_dict(sd)
+    fp4.experts.freeze()
+    shared = {k: v for k, v in fp4.state_dict().items() if k.startswith("shared.")}
+    assert shared and all(torch.equal(v, sd[k]) for k, v in shared.items())
+    # the same layer with exact experts that hold the FP4-rounded weights: only the routed experts were rounded
+    rounded = dict(sd)
+    for name in ("w1", "w2", "w3"):
+        rounded[f"experts.{name}"] = fp4.experts.weights()[("w1", "w2", "w3").index(name)]
+    exact = MoELayer(cfg, experts="grouped")
+    exact.load_full_state_dict(rounded)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(fp4(x)[0], exact(x)[0], rtol=1e-6, atol=1e-6)
+        unrounded = MoELayer(cfg, experts="grouped")
+        unrounded.load_full_state_dict(sd)
+        assert not torch.allclose(fp4(x)[0], unrounded(x)[0], rtol=1e-3, atol=1e-3)  # the rounding is there
+
+
+def test_with_quantization_off_no_quantizer_runs(monkeypatch):
+    """dispatch_dtype None and an unquantized bank: the layer runs exactly lesson 10's code, no FP8 step."""
+    import lessons_lib.moe.dispatch_local as local
+    from lessons_lib.moe import fp8, wire
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantizer ran with quantization off")
+
+    class Refused:
+        apply = staticmethod(refuse)
+
+    monkeypatch.setattr(fp8, "quantize_fp8", refuse)
+    monkeypatch.setattr(fp8, "fused_quantize_fp8", refuse)
+    monkeypatch.setattr(wire, "fused_quantize_fp8", refuse)
+    monkeypatch.setattr(local, "FakeQuantFP8", Refused)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=128, ffn_dim=64, activation="swiglu")
+    assert wire.wire_for(cfg) is None
+    layer = MoELayer(cfg, experts="grouped")
+    layer.load_full_state_dict(init_full_state_dict(cfg))
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    layer(x)[0].sum().backward()
+    assert x.grad.abs().sum() > 0
