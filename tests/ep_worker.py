@@ -9,7 +9,9 @@ Modes (params["mode"]):
   lesson08: shared experts (gated or not) and the hash router behind every dispatcher and bank;
   overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without;
   lesson11: the FP8 dispatch behind every dispatcher that sends rows, against the single-device layer with the
-    same quantization, and its counted bytes.
+    same quantization, and its counted bytes;
+  lesson12: generation of the MoE transformer with its MoE layers over the ranks against one device; two
+    micro-batches and the static decode path against the layer whole; a bad generate() argument on one rank.
 """
 import torch
 import torch.distributed as dist
@@ -274,6 +276,68 @@ def padded_traffic(rank, N, tokens, device):
             "received": {p: v.received for p, v in t.phases.items()}}
 
 
+def generation_configs(N):
+    from lessons_lib.model import ModelConfig
+    moe = dict(num_experts=2 * N if N > 1 else 4, top_k=2, hidden_dim=32, ffn_dim=64)
+    return {"softmax, swiglu, shared": ModelConfig(MoEConfig(**moe, activation="swiglu", shared_ffn_dim=32),
+                                                   vocab_size=64, max_seq_len=48),
+            "sigmoid_bias, groups, gelu": ModelConfig(MoEConfig(**moe, router="sigmoid_bias", num_groups=2,
+                                                                topk_groups=1), vocab_size=64, max_seq_len=48),
+            "hash": ModelConfig(MoEConfig(**moe, router="hash", activation="swiglu"), vocab_size=64, max_seq_len=48)}
+
+
+def lesson12(rank, world_size, device):
+    from lessons_lib.lab.equivalence import compare_generation, relative_error
+    from lessons_lib.model import ModelConfig, MoETransformer, generate
+    from lessons_lib.moe.capacity import static_dropless
+    from lessons_lib.moe.static_decode import StaticDecode
+    from lessons_lib.moe.two_batch import two_batch_forward
+
+    GroupedExperts.use_reference_kernel = True
+    out = {"generation": [], "two_batch": [], "static": []}
+    for name, cfg in generation_configs(world_size).items():
+        for dispatcher in ("allgather", "alltoall", "hierarchical"):
+            for bank in ("loop", "grouped"):
+                r = compare_generation(cfg, dispatcher, bank, new_tokens=32, device=device)
+                out["generation"].append({"config": name, "dispatcher": dispatcher, "experts": bank, **r})
+    base = dict(num_experts=2 * world_size, top_k=2, hidden_dim=32, ffn_dim=64, activation="swiglu")
+    cases = {"random": (MoEConfig(**base), [9, 4, 13, 6]), "one token": (MoEConfig(**base), [1, 1, 1, 1]),
+             "a rank with zero tokens": (MoEConfig(**base), [0, 7, 3, 0]),
+             "shared, gated": (MoEConfig(**base, shared_ffn_dim=32, shared_gate=True), [8, 5, 2, 11]),
+             "hash": (MoEConfig(**base, router="hash"), [8, 5, 2, 11]),
+             "top_k = E": (MoEConfig(**{**base, "top_k": base["num_experts"]}), [6, 3, 5, 1])}
+    for name, (cfg, tokens) in cases.items():
+        T = tokens[rank % 4]
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(T, cfg.hidden_dim, generator=g).to(device)
+        ids = torch.randint(0, 1000, (T,), generator=g).to(device)
+        layer = MoELayer(cfg, "alltoall", "grouped").to(device)
+        with torch.no_grad():
+            whole = layer(x, token_ids=ids)[0]
+        for overlap in (True, False):
+            split = two_batch_forward(layer, x, ids, overlap=overlap)
+            out["two_batch"].append({"case": name, "overlap": overlap, "error": relative_error(split, whole)})
+        static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped").to(device), max(tokens))
+        out["static"].append({"case": name, "error": relative_error(static(x, ids), whole)})
+    cfg = ModelConfig(MoEConfig(**base), vocab_size=64, max_seq_len=16)
+    model = MoETransformer(cfg, "alltoall", "grouped").to(device)
+    bad = {"too long": (torch.zeros(1, 10, dtype=torch.long), 8), "id out of range": (torch.full((1, 2), 64), 4),
+           "int32 prompt": (torch.zeros(1, 2, dtype=torch.int32), 4)}
+    out["bad_generate"] = {}
+    for name, (prompt, n) in bad.items():
+        try:
+            generate(model, (prompt if rank == 1 else torch.zeros(1, 2, dtype=torch.long)).to(device), n)
+            out["bad_generate"][name] = "no error"
+        except ValueError as e:
+            out["bad_generate"][name] = str(e)
+    ids, _ = generate(model, torch.zeros(1, 2, dtype=torch.long, device=device), 4)  # the group still works
+    out["after_bad"] = ids.shape[1]
+    every = [None] * world_size
+    dist.all_gather_object(every, out["bad_generate"])
+    out["bad_generate"] = every
+    return out
+
+
 def main():
     rank, world_size, device = runtime.setup()
     p = runtime.params()
@@ -329,6 +393,8 @@ def main():
                                                         routing=routing, device=device,
                                                         ranks_per_node=1 if dispatcher == "hierarchical" else None)
                     result.append({"dispatcher": dispatcher, "case": f"{case}, wire {wire}", "errors": errors})
+    elif p["mode"] == "lesson12":
+        result = lesson12(rank, world_size, device)
     elif p["mode"] == "overlap_bitwise":
         result = overlap_bitwise(rank, world_size, device)
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops

@@ -14,11 +14,11 @@ from lessons_lib.course.exercises import EXERCISES
 SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 09.3 need ranks: below
 
 
-def test_every_lesson_from_01_to_11_has_two_or_three_exercises():
+def test_every_lesson_from_01_to_12_has_two_or_three_exercises():
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11"]
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12"]
     assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
 
 
@@ -78,6 +78,11 @@ KNOWN = {
     "11.2": ((T([[2.0, 3.0, -4.0, 1.0]]), T([[0.5, 4.0]])), T([[1.0, 1.5, -16.0, 4.0]])),
     # rank 0 of 2 owns experts 0, 1: pairs (0,3) (1,2) (2,3) send 1 + 1 + 2 rows of 7168 + 4·56 bytes
     "11.3": ((T([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128), 4 * (7168 + 224)),
+    "12.1": ((256, 8, 128, 7168, 2), 256 * 128 * 7168 * 2),  # 32 experts x 8 ranks x 128 slots: 470 MB
+    "12.2": ((4.0, 6.0, 2.0), 2 + 3 + 3 + 1),  # against 12 unsplit
+    # a zero query weighs the positions it sees equally: cached values 1, 3 at 0, 1; the new one, 5, at 2
+    "12.3": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
+              T([[[[1.0], [3.0], [9.0], [9.0]]]]), 2), T([[[[3.0]]]])),
 }
 
 
@@ -199,3 +204,17 @@ def test_an_unstable_sort_fails_the_exercises_that_ask_for_a_stable_one():
 def test_a_tensor_is_not_the_int_that_is_asked_for():
     result = run_check("04.2", lambda counts, flops: (len(counts) * counts.max() - counts.sum()) * flops)
     assert result["status"] == "failed" and "should be a Python int, got Tensor" in result["message"]
+
+
+def test_a_cache_step_without_the_causal_mask_fails_where_a_query_could_see_ahead():
+    def no_mask(q, k, v, cache_k, cache_v, start):
+        S = q.shape[2]
+        cache_k[:, :, start:start + S], cache_v[:, :, start:start + S] = k, v
+        return torch.nn.functional.scaled_dot_product_attention(q, cache_k[:, :, :start + S], cache_v[:, :, :start + S])
+
+    result = run_check("12.3", no_mask)  # a single new position sees everything anyway; a prefill must not
+    assert result["status"] == "failed" and "prefill" in result["message"]
+
+
+def test_two_micro_batches_timed_as_one_fail_their_exercise():
+    assert run_check("12.2", lambda d, e, c: d + e + c)["status"] == "failed"

@@ -1,5 +1,6 @@
-"""The library's layout shows its architecture: the layer's parts (lessons_lib.moe) import no measurement
-(lessons_lib.lab) or course tool (lessons_lib.course), and no module imports itself back through others.
+"""The library's layout shows its architecture: the layer's parts (lessons_lib.moe) import no model built from
+them (lessons_lib.model), measurement (lessons_lib.lab) or course tool (lessons_lib.course); the model imports
+no measurement or course tool; and no module imports itself back through others.
 Imports inside functions count too."""
 import ast
 from pathlib import Path
@@ -44,15 +45,18 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_three_kinds_have_their_folders():
     kinds = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
-    assert kinds == {"moe", "lab", "course"}
+    assert kinds == {"moe", "model", "lab", "course"}
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["__init__.py"]
 
 
-def test_the_layers_parts_import_no_measurement_or_course_module():
+def test_the_layers_parts_import_no_model_measurement_or_course_module():
     graph = import_graph()
-    bad = {m: sorted(t for t in targets if t.startswith(("lessons_lib.lab", "lessons_lib.course")))
-           for m, targets in graph.items() if m.startswith("lessons_lib.moe")}
+    above = {"lessons_lib.moe": ("lessons_lib.model", "lessons_lib.lab", "lessons_lib.course"),
+             "lessons_lib.model": ("lessons_lib.lab", "lessons_lib.course")}
+    bad = {m: sorted(t for t in targets if t.startswith(above[kind]))
+           for m, targets in graph.items() for kind in above if m.startswith(kind)}
     assert not {m: t for m, t in bad.items() if t}
+    assert "lessons_lib.moe.layer" in graph["lessons_lib.model.transformer"]
 
 
 def test_no_import_cycle():

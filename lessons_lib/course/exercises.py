@@ -488,3 +488,48 @@ def fp8_dispatch_bytes(expert_ids: torch.Tensor, num_experts: int, world_size: i
     """Bytes rank `rank` sends in an FP8 dispatch of its [T, k] expert ids (experts placed contiguously)."""
     remote = int((expert_ids // (num_experts // world_size) != rank).sum())
     return remote * (hidden + 4 * (hidden // tile))
+
+
+# ---------------------------------------------------------------- lesson 12
+
+@_exercise("12.1", "the bytes of a static decode receive buffer",
+           "each of the L = E / N local experts keeps a slot for every token of every rank: L · N · T rows of H "
+           "values; a ValueError when E does not divide over N.",
+           lambda: [("DeepSeek-V3 at 8 ranks", (256, 8, 128, 7168, 2)), ("64 ranks, FP8", (256, 64, 128, 7168, 1)),
+                    ("one token", (8, 2, 1, 16, 4)), ("E = N", (4, 4, 3, 8, 2))])
+def decode_buffer_bytes(num_experts: int, ranks: int, max_tokens: int, hidden: int, bytes_per_value: int) -> int:
+    from lessons_lib.lab.decode_latency import static_buffer_bytes
+    from lessons_lib.moe.config import MoEConfig
+
+    cfg = MoEConfig(num_experts=num_experts, top_k=1, hidden_dim=hidden)
+    return static_buffer_bytes(cfg, max_tokens, ranks, bytes_per_value)["bytes"]["static_received"]
+
+
+@_exercise("12.2", "the time of two micro-batches",
+           "each half takes half of each phase: dispatch a; then dispatch b beside experts a (the longer of the two); "
+           "then combine a beside experts b; then combine b.",
+           lambda: [("experts longer", (4.0, 6.0, 2.0)), ("communication longer", (10.0, 2.0, 8.0)),
+                    ("no communication", (0.0, 5.0, 0.0)), ("balanced", (3.0, 3.0, 3.0))])
+def two_batch_ms(dispatch_ms: float, experts_ms: float, combine_ms: float) -> float:
+    from lessons_lib.lab.decode_latency import two_batch_model_ms
+
+    return two_batch_model_ms(dispatch_ms, experts_ms, combine_ms)
+
+
+def _cache_case(seed: int, S: int, start: int, max_len: int = 8):
+    g = _g(seed)
+    q, k, v = (torch.randn(2, 2, S, 4, generator=g) for _ in range(3))
+    cache_k, cache_v = torch.randn(2, 2, max_len, 4, generator=g), torch.randn(2, 2, max_len, 4, generator=g)
+    return q, k, v, cache_k, cache_v, start
+
+
+@_exercise("12.3", "a KV-cache attention step",
+           "write k, v into the caches at positions start .. start+S-1; keep the caches up to start+S; query i (at "
+           "position start + i) may see keys 0 .. start + i: a boolean mask for F.scaled_dot_product_attention, "
+           "or softmax(q·kᵀ/√d + mask)·v by hand.",
+           lambda: [("prefill", _cache_case(0, 5, 0)), ("one decode step", _cache_case(1, 1, 5)),
+                    ("a chunk after a prefix", _cache_case(2, 3, 4)), ("the last position", _cache_case(3, 1, 7))])
+def cached_attention(q, k, v, cache_k, cache_v, start: int) -> torch.Tensor:
+    from lessons_lib.model.transformer import attend
+
+    return attend(q, k, v, cache_k, cache_v, start)

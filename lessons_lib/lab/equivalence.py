@@ -19,6 +19,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..model.generate import generate
+from ..model.transformer import ModelConfig, MoETransformer
 from ..moe.config import MoEConfig
 from ..moe.distributed import experts_of_rank, rank_and_size
 from ..moe.hash_router import expert_hash
@@ -304,6 +306,33 @@ def compare_placement_training(cfg: MoEConfig, first, second, steps: int = 20, t
     dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
     return {"worst_weight": result[0].item(), "loss_diff": result[1].item(), "moved": not torch.equal(
         torch.as_tensor(first), torch.as_tensor(second)), "steps": steps}
+
+
+def rank_prompts(cfg: ModelConfig, rank: int, seed: int = 0) -> torch.Tensor:
+    """Rank r's prompts for `compare_generation`: 1 + r % 3 sequences of 3 + 2r tokens (every rank differs)."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randint(0, cfg.vocab_size, (1 + rank % 3, 3 + 2 * rank), generator=g)
+
+
+def compare_generation(cfg: ModelConfig, dispatcher: str, experts: str = "grouped", new_tokens: int = 32,
+                       group=None, device=None, seed: int = 0) -> dict:
+    """Lesson 12: greedy generation with the MoE layers spread over `group` (each rank its own prompts,
+    `rank_prompts`) against the same model on one device generating from the same prompts.
+
+    -> {"same_ids": every generated token equal on every rank, "logits": the worst relative error of the logits
+    over the ranks, "sequences": how many sequences all ranks generated}. Every rank calls it together."""
+    rank, _ = rank_and_size(group)
+    device = device if device is not None else torch.device("cpu")
+    prompt = rank_prompts(cfg, rank, seed).to(device)
+    ids, logits = generate(MoETransformer(cfg, dispatcher, experts, group).to(device), prompt, new_tokens)
+    ids_ref, logits_ref = generate(MoETransformer(cfg, "local", "loop").to(device), prompt, new_tokens)
+    worst = torch.tensor([float(not torch.equal(ids, ids_ref)), relative_error(logits, logits_ref)],
+                         dtype=torch.float64, device=device)
+    sequences = torch.tensor([float(len(ids))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(sequences, group=group)
+    return {"same_ids": worst[0].item() == 0.0, "logits": worst[1].item(), "sequences": int(sequences.item())}
 
 
 def main(argv=None):

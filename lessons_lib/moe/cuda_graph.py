@@ -43,7 +43,7 @@ class GraphedTrainStep:
         if not isinstance(layer.dispatcher, AllToAllDispatcher) or not layer.cfg.pad_to_capacity:
             raise ValueError("a graphed step needs the 'alltoall' dispatcher with static shapes: "
                              "MoELayer(static_dropless(cfg), 'alltoall', ...)")
-        _check_same_tokens(x.shape[0], layer.dispatcher.group, device)
+        check_same_tokens(x.shape[0], layer.dispatcher.group, device)
         self.layer, self.aux_weight = layer, aux_weight
         self.x, self.target = x.detach().clone(), target.detach().clone()
         params = list(layer.parameters())
@@ -95,7 +95,7 @@ class GraphedTrainStep:
         return self.loss
 
 
-def _check_same_tokens(tokens: int, group, device) -> None:
+def check_same_tokens(tokens: int, group, device) -> None:
     """Every rank records split sizes from its own C, so every rank must have the same T (hence the same C)."""
     if not dist.is_initialized():
         return

@@ -146,7 +146,14 @@ def capturing() -> bool:
 
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
-    """Send each (token, slot) row only to the rank that owns its expert."""
+    """Send each (token, slot) row only to the rank that owns its expert.
+
+    fixed_sizes (lesson 12's `static_decode`): with lesson 05's static shapes, take the split sizes from the
+    capacity on every pass, as a CUDA graph's recording does: no count exchange, no host read. Nothing then
+    tells the other ranks of a bad input, so only a caller that checked every rank's input up front sets it.
+    """
+
+    fixed_sizes = False
 
     def __init__(self, cfg, group=None):
         super().__init__(cfg, group)
@@ -168,7 +175,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
         N, L = self.world_size, self.num_local_experts
         index = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
-        if capturing():
+        if capturing() or self.fixed_sizes:
             in_splits, out_splits, recv_counts_NL, bank_sizes = self._static_sizes(x_TH, index)
             useful_sent = useful_received = None
         else:
@@ -215,11 +222,16 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         splits = [L * C] * N
         return splits, list(splits), index.counts.new_full((N, L), C), [N * C] * L
 
-    def combine(self, expert_out_MH: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+    def combine(self, expert_out_MH: torch.Tensor, state: AllToAllState, beside=None) -> torch.Tensor:
+        """beside: work run while the results travel back (lesson 12's two micro-batches: the other half's
+        experts), as `dispatch` runs it while the rows travel out."""
         # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
         received_order_MH = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)
         # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
-        back_RH = AllToAll.apply(received_order_MH, state.in_splits, state.out_splits, self.group)
+        if beside is None:
+            back_RH = AllToAll.apply(received_order_MH, state.in_splits, state.out_splits, self.group)
+        else:
+            back_RH = all_to_all_beside(received_order_MH, state.in_splits, state.out_splits, self.group, beside)
         if state.useful_received is not None:
             self._count("combine", expert_out_MH.shape[1] * expert_out_MH.element_size(), state.out_splits,
                         state.in_splits, state.useful_received)

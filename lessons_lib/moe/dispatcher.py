@@ -60,7 +60,8 @@ class Dispatcher(Protocol):
         while the rows travel where the dispatcher can (the all-to-all), else first."""
 
     def combine(self, expert_out_MH: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """-> y_TH: each token's k results, weighted by the routing and summed."""
+        """-> y_TH: each token's k results, weighted by the routing and summed. (The all-to-all's also takes
+        `beside`, run while the results travel: lesson 12's two micro-batches.)"""
 
     def abort(self, code: int, message: str, device: torch.device) -> None:
         """Instead of dispatch, when this rank's input is bad: make the other ranks raise too, then raise."""

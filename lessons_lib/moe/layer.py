@@ -21,7 +21,7 @@ from torch import nn
 from .capacity import dropped_pairs, expert_capacity
 from .config import MoEConfig
 from .dispatch_allgather import AllGatherDispatcher
-from .dispatch_alltoall import AllToAllDispatcher
+from .dispatch_alltoall import AllToAllDispatcher, capturing
 from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_local import LocalDispatcher
 from .dispatcher import Dispatcher, DispatchState
@@ -162,9 +162,12 @@ class MoELayer(nn.Module):
         (`state.sizes`, lesson 03's all-to-all), the bank takes them and has no host sync of its own."""
         return self.experts(rows_MH, counts_L, state.sizes)
 
-    def combine(self, expert_out_MH: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Step 4: the results back to their tokens, weighted and summed -> y_TH."""
-        return self.dispatcher.combine(expert_out_MH, state)
+    def combine(self, expert_out_MH: torch.Tensor, state: DispatchState, beside=None) -> torch.Tensor:
+        """Step 4: the results back to their tokens, weighted and summed -> y_TH. `beside`: work run while the
+        results travel (the all-to-all only: lesson 12's two micro-batches, `two_batch`)."""
+        if beside is None:
+            return self.dispatcher.combine(expert_out_MH, state)
+        return self.dispatcher.combine(expert_out_MH, state, beside)
 
     def aux(self, routing: Routing) -> MoEAux:
         """What the layer reports beside its output: the losses and the load (lessons 01, 05, 06)."""
@@ -216,7 +219,8 @@ class MoELayer(nn.Module):
             got = (f"{list(token_ids.shape)} {token_ids.dtype} on {token_ids.device}"
                    if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
             return 4, f"MoELayer token_ids must be an integer tensor [tokens={x.shape[0]}] on {device}, got {got}"
-        if token_ids.numel() and int(token_ids.min()) < 0:
+        # reading the minimum waits for the GPU, which a CUDA graph's recording cannot (lesson 12's StaticDecode)
+        if token_ids.numel() and not capturing() and int(token_ids.min()) < 0:
             return 4, "MoELayer token_ids must be >= 0"
         return None
 
