@@ -321,12 +321,15 @@ def lesson12(rank, world_size, device):
         out["static"].append({"case": name, "error": relative_error(static(x, ids), whole)})
     cfg = ModelConfig(MoEConfig(**base), vocab_size=64, max_seq_len=16)
     model = MoETransformer(cfg, "alltoall", "grouped").to(device)
+    # what rank 1 passes; the other ranks pass a good prompt and ask for 4 tokens
     bad = {"too long": (torch.zeros(1, 10, dtype=torch.long), 8), "id out of range": (torch.full((1, 2), 64), 4),
-           "int32 prompt": (torch.zeros(1, 2, dtype=torch.int32), 4)}
+           "int32 prompt": (torch.zeros(1, 2, dtype=torch.int32), 4),
+           "different new_tokens": (torch.zeros(1, 2, dtype=torch.long), 5)}
     out["bad_generate"] = {}
     for name, (prompt, n) in bad.items():
         try:
-            generate(model, (prompt if rank == 1 else torch.zeros(1, 2, dtype=torch.long)).to(device), n)
+            good = torch.zeros(1, 2, dtype=torch.long)
+            generate(model, (prompt if rank == 1 else good).to(device), n if rank == 1 else 4)
             out["bad_generate"][name] = "no error"
         except ValueError as e:
             out["bad_generate"][name] = str(e)

@@ -82,7 +82,8 @@ KNOWN = {
     "12.2": ((4.0, 6.0, 2.0), 2 + 3 + 3 + 1),  # against 12 unsplit
     # a zero query weighs the positions it sees equally: cached values 1, 3 at 0, 1; the new one, 5, at 2
     "12.3": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
-              T([[[[1.0], [3.0], [9.0], [9.0]]]]), 2), T([[[[3.0]]]])),
+              T([[[[1.0], [3.0], [9.0], [9.0]]]]), 2),
+             (T([[[[3.0]]]]), torch.zeros(1, 1, 4, 1), T([[[[1.0], [3.0], [5.0], [9.0]]]]))),
 }
 
 
@@ -210,10 +211,22 @@ def test_a_cache_step_without_the_causal_mask_fails_where_a_query_could_see_ahea
     def no_mask(q, k, v, cache_k, cache_v, start):
         S = q.shape[2]
         cache_k[:, :, start:start + S], cache_v[:, :, start:start + S] = k, v
-        return torch.nn.functional.scaled_dot_product_attention(q, cache_k[:, :, :start + S], cache_v[:, :, :start + S])
+        y = torch.nn.functional.scaled_dot_product_attention(q, cache_k[:, :, :start + S], cache_v[:, :, :start + S])
+        return y, cache_k, cache_v
 
     result = run_check("12.3", no_mask)  # a single new position sees everything anyway; a prefill must not
     assert result["status"] == "failed" and "prefill" in result["message"]
+
+
+def test_a_cache_step_that_does_not_fill_the_cache_fails():
+    def concatenates(q, k, v, cache_k, cache_v, start):
+        keys, values = torch.cat([cache_k[:, :, :start], k], 2), torch.cat([cache_v[:, :, :start], v], 2)
+        S = q.shape[2]
+        sees = torch.arange(start + S) <= start + torch.arange(S)[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=sees), cache_k, cache_v
+
+    result = run_check("12.3", concatenates)  # the right output, but the next step would not find k and v
+    assert result["status"] == "failed"
 
 
 def test_two_micro_batches_timed_as_one_fail_their_exercise():

@@ -34,6 +34,7 @@ def test_ep_generation_equals_single_device_and_the_other_paths_equal_the_whole_
         assert all(m != "no error" for m in rank_messages.values())
     assert "max_seq_len" in r["bad_generate"][1]["too long"] and "vocab_size" in r["bad_generate"][1]["id out of range"]
     assert "another rank" in r["bad_generate"][0]["too long"]
+    assert all("same number" in m["different new_tokens"] for m in r["bad_generate"])
     assert r["after_bad"] == 2 + 4
 
 
@@ -52,6 +53,16 @@ def test_the_kv_cache_gives_the_logits_of_the_whole_sequence():
         model(prompt, cache, 0)
         shifted = model(ids[:, 5:6], cache, start=6)[0][:, -1]
     assert (shifted - logits[1]).abs().max() > 1e-3
+
+
+def test_attention_without_a_cache_is_causal_wherever_it_starts():
+    from lessons_lib.model.transformer import attend
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    y = attend(q, k, v)
+    assert torch.equal(attend(q, k, v, start=3), y)
+    changed = v.clone()
+    changed[:, :, 3] += 1  # the last position's value: the first three queries must not see it
+    assert torch.equal(attend(q, k, changed)[:, :, :3], y[:, :, :3]) and not torch.equal(attend(q, k, changed), y)
 
 
 def test_the_model_is_the_same_on_every_build_and_its_blocks_differ():
@@ -91,8 +102,11 @@ def test_static_decode_and_two_batches_on_one_rank(one_rank):
     with torch.no_grad():
         whole = layer(x)[0]
     static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped"), 8)
-    assert static.layer.dispatcher.fixed_sizes
     assert (static(x) - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert "counts" not in static.layer.dispatcher.traffic.phases  # its passes exchanged no counts
+    assert not static.layer.dispatcher.fixed_sizes  # only during its own passes: called directly, counts as before
+    static.layer(x)
+    assert "counts" in static.layer.dispatcher.traffic.phases
     assert (two_batch_forward(layer, x) - whole).abs().max() <= 1e-5 * whole.abs().max()
     with pytest.raises(ValueError, match="tokens <= 8"):
         static(torch.randn(9, 16))
@@ -100,13 +114,28 @@ def test_static_decode_and_two_batches_on_one_rank(one_rank):
         StaticDecode(layer, 4)  # dynamic shapes
     with pytest.raises(ValueError, match="static shapes"):
         StaticDecode(MoELayer(static_dropless(cfg), "allgather"), 4)
-    with pytest.raises(ValueError, match="could drop"):
-        StaticDecode(MoELayer(static_dropless(cfg), "alltoall"), 0)
     capped = MoELayer(dataclasses.replace(static_dropless(cfg), capacity_factor=1.0), "alltoall")
     with pytest.raises(ValueError, match="could drop"):
         StaticDecode(capped, 8)  # C = k·T/E = 4 < 8
     with pytest.raises(ValueError, match="alltoall"):
         two_batch_forward(MoELayer(cfg, "local"), x)
+    with pytest.raises(ValueError, match="dropless"):
+        two_batch_forward(MoELayer(dataclasses.replace(cfg, capacity_factor=1.0), "alltoall"), x)
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        StaticDecode(MoELayer(static_dropless(cfg), "alltoall"), 0)
+
+
+def test_static_decode_checks_the_hash_routers_ids_before_sending(one_rank):
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=32, router="hash")
+    layer = MoELayer(cfg, "alltoall", "grouped")
+    static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped"), 8)
+    x, ids = torch.randn(5, 16), torch.tensor([3, 1, 4, 1, 5])
+    with torch.no_grad():
+        assert (static(x, ids) - layer(x, token_ids=ids)[0]).abs().max() <= 1e-5
+    for bad, words in ((None, "routes by token id"), (ids[:1], "routes by token id"),
+                       (torch.tensor([3, 1, -4, 1, 5]), ">= 0")):
+        with pytest.raises(ValueError, match=words):
+            static(x, bad)
 
 
 def test_static_buffers_are_sized_for_the_worst_case():

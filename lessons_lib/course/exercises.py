@@ -494,7 +494,7 @@ def fp8_dispatch_bytes(expert_ids: torch.Tensor, num_experts: int, world_size: i
 
 @_exercise("12.1", "the bytes of a static decode receive buffer",
            "each of the L = E / N local experts keeps a slot for every token of every rank: L · N · T rows of H "
-           "values; a ValueError when E does not divide over N.",
+           "values of bytes_per_value bytes each.",
            lambda: [("DeepSeek-V3 at 8 ranks", (256, 8, 128, 7168, 2)), ("64 ranks, FP8", (256, 64, 128, 7168, 1)),
                     ("one token", (8, 2, 1, 16, 4)), ("E = N", (4, 4, 3, 8, 2))])
 def decode_buffer_bytes(num_experts: int, ranks: int, max_tokens: int, hidden: int, bytes_per_value: int) -> int:
@@ -526,10 +526,11 @@ def _cache_case(seed: int, S: int, start: int, max_len: int = 8):
 @_exercise("12.3", "a KV-cache attention step",
            "write k, v into the caches at positions start .. start+S-1; keep the caches up to start+S; query i (at "
            "position start + i) may see keys 0 .. start + i: a boolean mask for F.scaled_dot_product_attention, "
-           "or softmax(q·kᵀ/√d + mask)·v by hand.",
+           "or softmax(q·kᵀ/√d + mask)·v by hand. Return the output and both caches.",
            lambda: [("prefill", _cache_case(0, 5, 0)), ("one decode step", _cache_case(1, 1, 5)),
                     ("a chunk after a prefix", _cache_case(2, 3, 4)), ("the last position", _cache_case(3, 1, 7))])
-def cached_attention(q, k, v, cache_k, cache_v, start: int) -> torch.Tensor:
+def cached_attention(q, k, v, cache_k, cache_v, start: int):
+    """(y [B, heads, S, d], cache_k, cache_v): the caches as the step leaves them, for the next step."""
     from lessons_lib.model.transformer import attend
 
-    return attend(q, k, v, cache_k, cache_v, start)
+    return attend(q, k, v, cache_k, cache_v, start), cache_k, cache_v

@@ -24,7 +24,7 @@ def generate(model: MoETransformer, prompt_BP: torch.Tensor, new_tokens: int):
     differ between ranks). A bad argument on any rank is a ValueError on every rank, raised before any exchange.
     """
     problem = _problem(model, prompt_BP, new_tokens)
-    _raise_on_every_rank(model, problem)
+    _raise_on_every_rank(model, problem, new_tokens)
     B, P = prompt_BP.shape
     cache = KVCache.empty(model.cfg, B, P + new_tokens, model.device, model.cfg.moe.torch_dtype)
     ids, all_logits = prompt_BP, []
@@ -55,13 +55,20 @@ def _problem(model: MoETransformer, prompt_BP, new_tokens) -> str | None:
     return None
 
 
-def _raise_on_every_rank(model: MoETransformer, problem: str | None) -> None:
-    """One small all-reduce before any MoE exchange: if any rank's arguments are bad, every rank raises."""
+def _raise_on_every_rank(model: MoETransformer, problem: str | None, new_tokens) -> None:
+    """One small all-reduce before any MoE exchange: if any rank's arguments are bad, or the ranks ask for
+    different numbers of new tokens, every rank raises."""
     dispatcher = model.blocks[0].moe.dispatcher
     if dispatcher.collective and dist.is_initialized():
-        bad = torch.tensor([problem is not None], dtype=torch.int32, device=model.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=dispatcher.group)
-        if bad.item() and problem is None:
+        # [bad, new_tokens, -new_tokens]: the max of each says whether any rank is bad, and whether they all agree
+        n = new_tokens if isinstance(new_tokens, int) else 0
+        flags = torch.tensor([problem is not None, n, -n], dtype=torch.int64, device=model.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=dispatcher.group)
+        bad, most, fewest = flags[0].item(), flags[1].item(), -flags[2].item()
+        if problem is None and bad:
             problem = "another rank's generate() arguments were invalid; every rank stops"
+        elif problem is None and most != fewest:
+            problem = (f"every rank must generate the same number of tokens (each step's MoE layers exchange rows "
+                       f"with every rank); got from {fewest} to {most}")
     if problem is not None:
         raise ValueError(problem)

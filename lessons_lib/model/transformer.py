@@ -72,15 +72,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Ten
 
     With a cache (cache_k, cache_v [B, heads, max_len, d]), the new keys and values are written into it at
     positions start.. and each query attends to every position up to its own: the cached ones before it and the
-    new ones up to it. Without a cache, start is 0 and this is plain causal attention.
+    new ones up to it. Without a cache this is plain causal attention over the S positions (start unused).
     """
     S = q.shape[2]
     if cache_k is not None:
         cache_k[:, :, start:start + S] = k
         cache_v[:, :, start:start + S] = v
         k, v = cache_k[:, :, :start + S], cache_v[:, :, :start + S]
-    # query i is position start + i; it may see keys 0 .. start + i
-    sees = torch.arange(k.shape[2], device=q.device) <= start + torch.arange(S, device=q.device)[:, None]
+    # the queries are the last S of the keys' positions: query i may see keys 0 .. (its position) = past + i
+    past = k.shape[2] - S
+    sees = torch.arange(k.shape[2], device=q.device) <= past + torch.arange(S, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=sees)
 
 

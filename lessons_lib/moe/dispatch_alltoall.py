@@ -149,8 +149,8 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     """Send each (token, slot) row only to the rank that owns its expert.
 
     fixed_sizes (lesson 12's `static_decode`): with lesson 05's static shapes, take the split sizes from the
-    capacity on every pass, as a CUDA graph's recording does: no count exchange, no host read. Nothing then
-    tells the other ranks of a bad input, so only a caller that checked every rank's input up front sets it.
+    capacity, as a CUDA graph's recording does: no count exchange, no host read. Nothing then tells the other
+    ranks of a bad input, so only `StaticDecode`, which checks its input first, sets it, around its own passes.
     """
 
     fixed_sizes = False

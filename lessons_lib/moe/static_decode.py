@@ -15,8 +15,9 @@ sends the empty slots too (DeepEP writes only the real rows into its worst-case 
 `StaticDecode(layer, max_tokens)` runs a layer built with `static_dropless(cfg)` on up to max_tokens rows per
 rank, padded to max_tokens. With no count exchange nothing can tell the other ranks of a bad input, so what can
 be checked is checked once, at construction, on every rank together (the same max_tokens everywhere); a call's
-input is copied into the fixed buffer, and a wrong one raises on its rank only (every rank of an SPMD decode
-loop passes the same kind of input, so all raise alike).
+input is checked before anything is sent and copied into the fixed buffer, and a wrong one raises on its rank
+only, before any collective (every rank of an SPMD decode loop passes the same kind of input, so all raise
+alike). The hash router's token ids (lesson 08) are checked there too, which costs the one host read of them.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from .dispatch_alltoall import AllToAllDispatcher
 class StaticDecode:
     """layer on x [T <= max_tokens, H] -> y [T, H], with fixed split sizes (graph=True: replayed from a CUDA graph).
 
-    The output of a graph replay is a view of the graph's own buffer: the next call overwrites it. From then on
-    the layer's dispatcher takes its split sizes from the capacity (`AllToAllDispatcher.fixed_sizes`) wherever
-    it is called: several StaticDecode of different max_tokens may share one layer.
+    The output of a graph replay is a view of the graph's own buffer: the next call overwrites it. The layer's
+    dispatcher takes its split sizes from the capacity (`AllToAllDispatcher.fixed_sizes`) only during this
+    object's own passes; called directly, the layer exchanges counts as before. Several StaticDecode of different
+    max_tokens may share one layer.
     """
 
     def __init__(self, layer, max_tokens: int, graph: bool = False, warmup: int = 2):
@@ -40,13 +42,14 @@ class StaticDecode:
         if not isinstance(layer.dispatcher, AllToAllDispatcher) or not cfg.pad_to_capacity:
             raise ValueError("StaticDecode needs the 'alltoall' dispatcher with static shapes: "
                              "MoELayer(static_dropless(cfg), 'alltoall', ...)")
-        if max_tokens < 1 or expert_capacity(cfg, max_tokens) < max_tokens:
+        if max_tokens < 1:
+            raise ValueError(f"StaticDecode needs max_tokens >= 1, got {max_tokens}")
+        if expert_capacity(cfg, max_tokens) < max_tokens:
             raise ValueError(f"with capacity {expert_capacity(cfg, max_tokens)} < max_tokens={max_tokens} an expert "
                              "could drop rows: build the layer with capacity.static_dropless(cfg)")
         if graph and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the layer on a CUDA device; it is on {device}")
         check_same_tokens(max_tokens, layer.dispatcher.group, device)  # every rank's C, hence every split, agrees
-        layer.dispatcher.fixed_sizes = True
         self.layer, self.max_tokens = layer, max_tokens
         self.x_TH = torch.zeros(max_tokens, cfg.hidden_dim, device=device, dtype=cfg.torch_dtype)
         self.ids_T = torch.zeros(max_tokens, dtype=torch.long, device=device)
@@ -56,9 +59,13 @@ class StaticDecode:
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        # only the hash router (lesson 08) reads token ids; the layer checks them with one host read when eager
-        ids = self.ids_T if self.layer.cfg.router == "hash" else None
-        return self.layer(self.x_TH, token_ids=ids)[0]
+        ids = self.ids_T if self.layer.cfg.router == "hash" else None  # only the hash router (lesson 08) reads ids
+        dispatcher = self.layer.dispatcher
+        dispatcher.fixed_sizes = True
+        try:  # the buffers were checked when filled: the layer's own check of them cannot fail
+            return self.layer(self.x_TH, token_ids=ids)[0]
+        finally:
+            dispatcher.fixed_sizes = False
 
     def _record(self, warmup: int):
         device = self.x_TH.device
@@ -78,10 +85,15 @@ class StaticDecode:
         if not 0 <= T <= self.max_tokens or x_TH.shape[1:] != self.x_TH.shape[1:] or x_TH.dtype != self.x_TH.dtype:
             raise ValueError(f"StaticDecode takes [tokens <= {self.max_tokens}, {self.x_TH.shape[1]}] "
                              f"{self.x_TH.dtype}, got {list(x_TH.shape)} {x_TH.dtype}")
+        if self.layer.cfg.router == "hash":
+            if (not isinstance(token_ids, torch.Tensor) or token_ids.shape != (T,)
+                    or token_ids.dtype not in (torch.int32, torch.int64)):
+                raise ValueError(f"router='hash' routes by token id: StaticDecode takes token_ids [{T}] int64 too")
+            if T and int(token_ids.min()) < 0:
+                raise ValueError("StaticDecode token_ids must be >= 0")
+            self.ids_T[:T].copy_(token_ids)
         self.x_TH[:T].copy_(x_TH)
         self.x_TH[T:].zero_()  # padding tokens: routed like any token, within capacity, and cut off below
-        if token_ids is not None:
-            self.ids_T[:T].copy_(token_ids)
         if self.graph is None:
             return self._forward()[:T]
         self.graph.replay()

@@ -6,7 +6,8 @@ hide behind the other half's computation (DeepSeek's two-batch overlap; SGLang's
     dispatch a | dispatch b  ‖ experts a | combine a  ‖ experts b | (wait) combine b
 
 (‖: runs while the exchange on its left is in flight.) Each half is routed, dispatched and combined exactly as
-the whole step would be: the layer's output is the same tokens' output, so it equals the unsplit layer's.
+the whole step would be: in a dropless layer a token's output does not depend on the other tokens, so the split
+output equals the unsplit layer's (with capacity, lesson 05, each half would have its own C: refused).
 The work beside each exchange is handed over as lesson 08's shared expert is (`overlap.SharedBeside`: gloo's
 exchange is started with async_op and waited for after; on a GPU the work runs on a side stream).
 For inference (no autograd); with a shared expert, it runs beside the first half's dispatch.
@@ -27,6 +28,9 @@ def two_batch_forward(layer, x_TH: torch.Tensor, token_ids: torch.Tensor | None 
     """layer(x_TH)[0], computed as two micro-batches; overlap=False runs the same steps one after the other."""
     if not isinstance(layer.dispatcher, AllToAllDispatcher) or layer.replicas is not None:
         raise ValueError("two micro-batches need the 'alltoall' dispatcher without a placement")
+    if layer.cfg.capacity_factor is not None:  # C = ceil(k·T/E·c) of each half would drop other pairs than the whole
+        raise ValueError("two micro-batches need a dropless layer (capacity_factor=None): a half's capacity "
+                         "would drop other pairs than the whole step's")
     layer.check_input(x_TH, token_ids)
     half = (x_TH.shape[0] + 1) // 2
     xs = x_TH[:half], x_TH[half:]
