@@ -158,9 +158,6 @@ class MoETransformer(nn.Module):
             auxes.append(aux)
         return self.head(self.norm(x_BSH)).float(), auxes
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.moe for b in self.blocks]
-
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device

@@ -7,7 +7,9 @@ provides: `dispatcher.Dispatcher`), lesson 04 the expert bank, lesson 06 the rou
 Lesson 05's capacity is a config option that every dispatcher honours (`dispatch_local.rows_by_expert`).
 Lesson 08 adds the shared expert (`shared_expert`), run while the dispatch's rows travel (`overlap`), and the
 hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 09's dispatcher crosses nodes once per
-(token, node): `MoELayer(cfg, "hierarchical", ranks_per_node=R)`.
+(token, node): `MoELayer(cfg, "hierarchical", ranks_per_node=R)`. Lesson 12 puts the layer inside a model
+(`lessons_lib.model`) and runs its decode steps with fixed sizes (`static_decode`) or as two micro-batches
+(`two_batch`).
 `MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
