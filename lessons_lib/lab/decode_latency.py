@@ -14,20 +14,19 @@ and its plot; lesson 12 runs the same functions on CPU ranks.
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.distributed as dist
 
+from ..model.transformer import ModelConfig
 from ..moe.capacity import static_dropless
 from ..moe.config import MoEConfig
 from ..moe.distributed import rank_and_size
 from ..moe.layer import MoELayer
 from ..moe.static_decode import StaticDecode
 from ..moe.two_batch import two_batch_forward
+from .equivalence import compare_generation, relative_error
 from .progress import Progress
-from .records import record_header
+from .records import record_arguments, record_header, redraw_record, write_record
 from .timing import median, timed_runs
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -127,7 +126,7 @@ def two_batch_times(cfg: MoEConfig, tokens=(256, 4096), device=None, steps: int 
         with torch.no_grad():
             whole = layer(x)[0]
             split = two_batch_forward(layer, x)
-            diff = ((split - whole).abs().max() / whole.abs().max().clamp(min=1e-30)).item() if T else 0.0
+            diff = relative_error(split, whole)
             rows.append({"tokens": T, "whole_ms": _ms(lambda: layer(x), steps, warmup, device, group),
                          "two_batch_ms": _ms(lambda: two_batch_forward(layer, x), steps, warmup, device, group),
                          "two_batch_no_overlap_ms": _ms(lambda: two_batch_forward(layer, x, overlap=False), steps,
@@ -166,9 +165,6 @@ def checks(device, group=None) -> dict:
     """On the device of the record, in fp32: the static path eager and from a CUDA graph, and two micro-batches with
     overlap (on a GPU: experts on a side stream beside the exchanges), against the dynamic layer; and the model's
     generation with its MoE layers over the group against one device (`compare_generation`)."""
-    from ..model.transformer import ModelConfig
-    from .equivalence import compare_generation, relative_error
-
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=64, ffn_dim=128, activation="swiglu", shared_ffn_dim=64)
     x = _x(cfg, 12, device)
     layer = MoELayer(cfg, "alltoall", "grouped", group).to(device)
@@ -219,14 +215,9 @@ def plot_record(record: dict):
 def main(argv=None):
     from .torchrun import init_from_torchrun, leave_torchrun
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="images/decode_1xh200.json")
-    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
-    a = p.parse_args(argv)
+    a = record_arguments(__doc__.splitlines()[0], "images/decode_1xh200.json", argv)
     if a.plot:
-        with open(a.out) as f:
-            plot_record(json.load(f)).savefig(a.out.replace(".json", ".png"), dpi=110)
-        return
+        return redraw_record(a.out, plot_record)
     device = init_from_torchrun("lessons_lib.lab.decode_latency")
     # on CPU ranks, lesson 12's shape
     cfg = GPU_SHAPE if device.type == "cuda" else MoEConfig(num_experts=4 * dist.get_world_size(), top_k=2,
@@ -240,9 +231,7 @@ def main(argv=None):
     record["prefill"] = prefill_times(cfg, device=device, progress=main_rank)
     record["two_batch"] = two_batch_times(cfg, device=device)
     if main_rank:
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=1)
-        plot_record(record).savefig(a.out.replace(".json", ".png"), dpi=110)
+        write_record(record, a.out, plot_record)
     leave_torchrun()
 
 

@@ -18,9 +18,6 @@ the bank forward also with the events around each single call (`synchronized_eac
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from ..moe.config import MoEConfig
@@ -29,7 +26,7 @@ from ..moe.experts_fp8 import Fp8Experts, activate_and_quantize, quantize_column
 from ..moe.fp8 import fused_quantize_fp8, quantize_fp8
 from ..moe.fp8_rows_kernel import rows_to_fp8
 from .granularity import bank_on_device, time_ms
-from .records import record_header
+from .records import record_arguments, record_header, redraw_record, write_record
 
 SHAPE = {"num_experts": 32, "rows_per_expert": 1024, "hidden_dim": 7168, "ffn_dim": 2048}
 
@@ -244,14 +241,9 @@ def plot_record(record: dict):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="images/fp8_1xh200.json")
-    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
-    a = p.parse_args(argv)
+    a = record_arguments(__doc__.splitlines()[0], "images/fp8_1xh200.json", argv)
     if a.plot:
-        with open(a.out) as f:
-            plot_record(json.load(f)).savefig(a.out.replace(".json", ".png"), dpi=110)
-        return
+        return redraw_record(a.out, plot_record)
     device = torch.device("cuda")
     record = record_header("lessons_lib.lab.fp8_speed", device, argv, torchrun=False) | {"shape": SHAPE}
     record["quantizer"] = quantizer_times()
@@ -260,9 +252,7 @@ def main(argv=None):
     record["bank_forward"] = bank_forwards()
     record["backward_kernel_vs_emulation"] = backward_check()
     record["layer_vs_single_device_fp32"] = layer_check()
-    with open(a.out, "w") as f:
-        json.dump(record, f, indent=1)
-    plot_record(record).savefig(a.out.replace(".json", ".png"), dpi=110)
+    write_record(record, a.out, plot_record)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ Segmenting by m keeps parameters and FLOPs: E -> m·E experts, F -> F/m, k -> m�
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import statistics
 
@@ -27,7 +25,7 @@ from ..moe.experts_batched import GroupedExperts, flops_per_row
 from ..moe.hash_router import HashRouter
 from ..moe.init import init_full_state_dict
 from ..moe.layer import MoELayer
-from .records import record_header
+from .records import record_arguments, record_header, redraw_record, write_record
 
 EXPERT_WIDTH = 256 * 2048  # E·F of DeepSeek-V3
 
@@ -195,20 +193,14 @@ def plot_record(record: dict):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="images/granularity_1xh200.json")
-    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
-    a = p.parse_args(argv)
+    a = record_arguments(__doc__.splitlines()[0], "images/granularity_1xh200.json", argv)
     if a.plot:
-        with open(a.out) as f:
-            plot_record(json.load(f)).savefig(a.out.replace(".json", ".png"), dpi=110)
-        return
+        return redraw_record(a.out, plot_record)
     device = torch.device("cuda")
     record = record_header("lessons_lib.lab.granularity", device, argv, torchrun=False)
     record["side_stream"] = side_stream_check()
     record["sweep"] = sweep()
-    with open(a.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_record(record, a.out)
 
 
 if __name__ == "__main__":
