@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .capacity import expert_capacity
-from .dispatch_local import Permute, RowIndex, inverse_permutation, rows_by_expert, weighted_sum_by_token
+from .dispatch_local import Permute, RowIndex, inverse_permutation, rows_by_expert, rows_of_pairs, weighted_sum_by_token
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .router import Routing, count_per_expert
 from .traffic import Traffic
@@ -132,8 +132,8 @@ def all_to_all_beside(x, out_splits: list[int], in_splits: list[int], group, bes
 class AllToAllState(DispatchState):  # its `sizes` are always known: read back with the split sizes
     index: RowIndex  # what each sent row is (grouped by expert, hence by destination)
     weights_Tk: torch.Tensor  # the routing weights
-    regroup_M: torch.Tensor  # received order -> grouped by local expert
-    ungroup_M: torch.Tensor  # its inverse: grouped by local expert -> the order the rows were received in
+    regroup_M: torch.Tensor | None  # received order -> grouped by local expert (None: one rank, already grouped)
+    ungroup_M: torch.Tensor | None  # its inverse: grouped by local expert -> the order the rows were received in
     in_splits: list  # [N] rows sent to each rank
     out_splits: list  # [N] rows received from each rank
     useful_sent: list | None  # of in_splits, the real rows (not lesson 05's padding); None: in a CUDA graph
@@ -190,21 +190,20 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             self._stop_if_any_rank_failed(codes)
             useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
 
-        if beside is None:
-            received_MH = AllToAll.apply(x_TH[index.token], out_splits, in_splits, self.group, self.wire)
-        else:  # lesson 08: the shared expert runs while the rows travel
-            received_MH = all_to_all_beside(x_TH[index.token], out_splits, in_splits, self.group, beside, self.wire)
-        # Rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert.
-        local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),
-                                                 recv_counts_NL.flatten(), output_size=sum(out_splits))
-        regroup_M = torch.argsort(local_expert_M, stable=True)
-        ungroup_M = inverse_permutation(regroup_M)
+        received_MH = self._exchange(rows_of_pairs(x_TH, index), out_splits, in_splits, beside, self.wire)
+        regroup_M = ungroup_M = None
+        if N > 1:  # rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert
+            local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),
+                                                     recv_counts_NL.flatten(), output_size=sum(out_splits))
+            regroup_M = torch.argsort(local_expert_M, stable=True)
+            ungroup_M = inverse_permutation(regroup_M)
+            received_MH = Permute.apply(received_MH, regroup_M, ungroup_M)
 
         state = AllToAllState(index, routing.weights, regroup_M, ungroup_M, in_splits, out_splits, useful_sent,
                               useful_received, sizes=bank_sizes)
         if useful_sent is not None:
             self._count("dispatch", dispatch_row_bytes(self.cfg, self.wire), in_splits, out_splits, useful_sent)
-        return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_NL.sum(0), state
+        return received_MH, recv_counts_NL.sum(0), state
 
     def _static_sizes(self, x_TH: torch.Tensor, index: RowIndex):
         """The split sizes without asking anyone, for a pass recorded into a CUDA graph (`cuda_graph`, lesson 05).
@@ -225,17 +224,26 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def combine(self, expert_out_MH: torch.Tensor, state: AllToAllState, beside=None) -> torch.Tensor:
         """beside: work run while the results travel back (lesson 12's two micro-batches: the other half's
         experts), as `dispatch` runs it while the rows travel out."""
-        # Gathers, not scatters, both ways: on a GPU a gather is several times faster than index_copy.
-        received_order_MH = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)
+        if state.ungroup_M is not None:  # back in the order received (a gather: several times faster than a scatter)
+            expert_out_MH = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)
         # (x, out_splits, in_splits): what comes back is what this rank sent in dispatch, so the two lists swap
-        if beside is None:
-            back_RH = AllToAll.apply(received_order_MH, state.in_splits, state.out_splits, self.group)
-        else:
-            back_RH = all_to_all_beside(received_order_MH, state.in_splits, state.out_splits, self.group, beside)
+        back_RH = self._exchange(expert_out_MH, state.in_splits, state.out_splits, beside)
         if state.useful_received is not None:
             self._count("combine", expert_out_MH.shape[1] * expert_out_MH.element_size(), state.out_splits,
                         state.in_splits, state.useful_received)
         return weighted_sum_by_token(back_RH, state.index, state.weights_Tk)
+
+    def _exchange(self, x, out_splits: list[int], in_splits: list[int], beside, wire=None) -> torch.Tensor:
+        """The rows' all_to_all_single (differentiable), `beside` run while they travel. A rank alone in its group
+        has nowhere to send them: they are already where they go, and cost no copy (unless lesson 11's FP8 wire
+        is to round them on the way, as it would between ranks)."""
+        if self.world_size == 1 and wire is None:
+            if beside is not None:
+                beside()
+            return x
+        if beside is None:
+            return AllToAll.apply(x, out_splits, in_splits, self.group, wire)
+        return all_to_all_beside(x, out_splits, in_splits, self.group, beside, wire)  # lesson 08
 
     def _count(self, phase: str, row_bytes: int, sent: list, received: list, useful: list) -> None:
         """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""
