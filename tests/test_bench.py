@@ -107,3 +107,44 @@ def test_the_committed_profile_gives_the_grouped_gemm_time_lesson_04_reads():
 
     seconds, calls = op_device_time((REPO / "images" / "profile_realistic_2xh200.txt").read_text(), "aten::_grouped_mm")
     assert calls == 35 and abs(seconds - 0.0495) < 0.0005
+
+
+def test_the_peer_block_computes_our_layers_function_from_our_weights():
+    """transformers' Qwen3-MoE block, loaded by `peers.qwen3_moe_block`, gives our layer's outputs: the bench's peer
+    is timed doing the same work (its grouped_mm experts and its eager loop alike)."""
+    pytest.importorskip("transformers")
+    from lessons_lib import MoEConfig, MoELayer
+    from lessons_lib.lab.peers import peer_ms, qwen3_moe_block, why_no_peer
+    from lessons_lib.moe.init import init_full_state_dict
+
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+    sd = init_full_state_dict(cfg)
+    layer = MoELayer(cfg)
+    layer.load_full_state_dict(sd)
+    x = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(0))
+    mine, _ = layer(x.view(-1, 16))
+    for implementation in ("eager", "grouped_mm"):
+        with torch.no_grad():
+            out = qwen3_moe_block(cfg, sd, torch.device("cpu"), implementation)(x)
+        theirs = (out[0] if isinstance(out, tuple) else out).view(-1, 16)
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert mine.abs().max() > 0.1
+    timed = peer_ms(cfg, sd, 24, torch.device("cpu"), steps=2, warmup=1)
+    assert timed["fwd_bwd_ms"] > 0 and timed["transformers"]
+    assert "SwiGLU" in why_no_peer(MoEConfig(activation="gelu"))
+    assert peer_ms(MoEConfig(activation="gelu"), {}, 8, torch.device("cpu"), 1, 0)["skipped"]
+
+
+def test_the_grouped_gemms_limit_runs_where_the_grouped_gemm_does(monkeypatch):
+    """On a CPU there is no fast grouped GEMM, so no limit (None); with torch's reference kernel allowed, both
+    variants run (the GEMM kernels alone, and the bank's math under autograd)."""
+    import lessons_lib.moe.experts_batched as eb
+    from lessons_lib import MoEConfig
+    from lessons_lib.lab.limits import grouped_gemms_ms
+
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+    cpu = torch.device("cpu")
+    assert grouped_gemms_ms(cfg, 30, cpu, steps=1, warmup=0) is None
+    monkeypatch.setattr(eb, "grouped_mm_support", lambda *a, **k: (True, "reference kernel"))
+    for with_activation in (False, True):
+        assert grouped_gemms_ms(cfg, 30, cpu, steps=2, warmup=1, with_activation=with_activation) > 0

@@ -16,11 +16,14 @@ For each dispatcher × expert bank it measures, on every rank's own random token
   tokens_per_s, tflops_per_gpu (expert + router FLOPs, ×3 for forward + backward), mfu (dense bf16 peak);
   bytes sent per rank in dispatch and combine (counted by the dispatcher) and their bandwidth;
   peak_mem_gb    the most memory allocated during forward + backward (GPU).
+And, where transformers is installed and computes the same function (the softmax top-k router, SwiGLU), the
+peer a user would pick instead: its Qwen3-MoE block with grouped_mm experts, same shape and weights (`peers`).
 At the small shape on a GPU it also times the final layer with lesson 05's static shapes, eagerly and replayed
 from one CUDA graph per training step (`graph_times.step_times`).
-And, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, and a dense
-FFN of the same FLOPs (one big GEMM chain instead of many experts). Writes a JSON record, a markdown
-table beside it, and plots.
+And, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, a dense FFN of the
+same FLOPs (one big GEMM chain instead of many experts), and the expert GEMMs alone on rows already grouped
+(`limits.grouped_gemms_ms`: the nine grouped GEMM kernels alone, and the bank's math under autograd). Writes a
+JSON record, a markdown table beside it, and plots.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch.distributed as dist
 from ..moe.config import MoEConfig
 from ..moe.experts_batched import flops_per_row
 from ..moe.layer import MoELayer
-from .limits import adamw_ms, alltoall_bus_bandwidth, collective_latency, dense_ffn_ms
+from .limits import adamw_ms, alltoall_bus_bandwidth, collective_latency, dense_ffn_ms, grouped_gemms_ms
 from .records import record_header
 from .shapes import SHAPES
 from .timing import make_adamw, median, timed_runs
@@ -161,7 +164,11 @@ def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = F
     rows = tokens * cfg.top_k
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
     ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)  # with the input's gradient, as bench_one
-    out = {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms, "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9}
+    out = {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms, "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9,
+           # the experts' GEMMs alone on grouped rows (None without a fast grouped GEMM): what the layer adds is
+           # its time minus these
+           "grouped_gemms_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3),
+           "expert_bank_alone_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3, with_activation=True)}
     if train_step:
         out["adamw_ms"] = adamw_ms(MoELayer(cfg, "alltoall", "grouped").to(device), steps, warmup=3)
         out["step_floor_ms"] = out["adamw_ms"] + ms
@@ -199,6 +206,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the shape's")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-peer", action="store_true", help="leave out transformers' block")
     ap.add_argument("--out", help="JSON record path; a .md table and .png plots go beside it")
     ap.add_argument("--profile", help="also profile training steps of the last combination; write the tables here")
     ap.add_argument("--trace", help="with --profile: a Chrome trace of 3 forward + backward passes, here")
@@ -216,6 +224,13 @@ def main(argv=None) -> None:
     train_step = args.shape == "small"
     for tokens in sizes:
         record["limits"][str(tokens)] = limits(cfg, tokens, device, args.steps, train_step)
+    if not args.no_peer and N == 1:  # the peer holds every expert: like for like on one device only
+        from ..moe.init import init_full_state_dict
+        from .peers import peer_ms
+
+        sd = {k: v.to(device) for k, v in init_full_state_dict(cfg).items()}
+        record["peers"] = {str(t): peer_ms(cfg, sd, t, device, args.steps, args.warmup) for t in sizes}
+        del sd
     for d in args.dispatchers:
         for e in args.experts:
             layer = MoELayer(cfg, d, e).to(device)  # built once: a realistic layer takes seconds to draw
@@ -249,7 +264,7 @@ def markdown(record: dict) -> str:
     lines += [f"*Corrected after the run:* {c}\n" for c in record.get("corrections", [])]
     header = ["dispatcher", "experts", "tokens/rank", "fwd+bwd ms", "step ms", "step floor ms", "µs/token",
               "TFLOP/s/GPU", "MFU", "route / dispatch / experts / combine ms (fwd)", "dispatch GB/s", "combine GB/s",
-              "a2a busbw GB/s", "dense FFN TFLOP/s", "peak GB"]
+              "a2a busbw GB/s", "dense FFN TFLOP/s", "peak GB", "× GEMMs alone", "peer ms / this"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in record["runs"]:
@@ -263,7 +278,17 @@ def markdown(record: dict) -> str:
             f"{p['route']:.3g} / {p['dispatch']:.3g} / {p['experts']:.3g} / {p['combine']:.3g} | "
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
             f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
-            f"{fmt(r.get('peak_mem_gb'), '.3g')} |")
+            f"{fmt(r.get('peak_mem_gb'), '.3g')} | {fmt(ratio(r['fwd_bwd_ms'], lim.get('grouped_gemms_ms')), '.2f')} | "
+            f"{fmt(ratio(peer_of(record, r), r['fwd_bwd_ms']), '.2f')} |")
+    for t, lim in record["limits"].items():
+        if lim.get("grouped_gemms_ms") is not None:
+            peer = record.get("peers", {}).get(t, {})
+            lines += ["", f"At {t} tokens per rank, the expert GEMMs alone on rows already grouped take "
+                      f"{lim['grouped_gemms_ms']:.3g} ms (the bank's math under autograd, the activation included: "
+                      f"{lim['expert_bank_alone_ms']:.3g} ms), the dense FFN of the same FLOPs "
+                      f"{lim['dense_ffn_fwd_bwd_ms']:.3g} ms"
+                      + (f"; {peer['name']} (transformers {peer['transformers']}), same weights: "
+                         f"{peer['fwd_bwd_ms']:.3g} ms" if "fwd_bwd_ms" in peer else "") + " (`limits`, `peers`)."]
     for t, lim in record["limits"].items():
         if "collective" in lim:
             c = lim["collective"]
@@ -286,6 +311,15 @@ def markdown(record: dict) -> str:
               "| what | GB |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" for k, v in record["memory_estimate_gb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def peer_of(record: dict, run: dict) -> float | None:
+    """The peer's fwd+bwd ms at this run's size (None if it was not run)."""
+    return record.get("peers", {}).get(str(run["tokens_per_rank"]), {}).get("fwd_bwd_ms")
 
 
 def show_bench(name: str, dispatchers=None, experts=None) -> dict | None:
@@ -338,7 +372,9 @@ def plot(record: dict, path) -> None:
 
     runs = record["runs"]
     sizes = sorted({r["tokens_per_rank"] for r in runs})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    lim = record["limits"][str(sizes[-1])]
+    with_limits = lim.get("grouped_gemms_ms") is not None  # one panel more: time against the GEMMs and the peer
+    fig, axes = plt.subplots(1, 4 if with_limits else 3, figsize=(21 if with_limits else 16, 4))
     big = [r for r in runs if r["tokens_per_rank"] == sizes[-1]]
     names = [f"{r['dispatcher']}\n{r['experts']}" for r in big]
     axes[0].bar(names, [r["tflops_per_gpu"] for r in big], color="C0")
@@ -371,6 +407,17 @@ def plot(record: dict, path) -> None:
         axes[2].set_xticks(list(xs), names)
         axes[2].set(ylabel="GB/s sent to other ranks", title="dispatch / combine bandwidth")
     axes[2].legend(fontsize=8)
+    if with_limits:
+        ax = axes[3]
+        ax.bar(names, [r["fwd_bwd_ms"] for r in big], color="C0", label="the layer")
+        ax.axhline(lim["grouped_gemms_ms"], color="C2", ls="--", label="the expert GEMMs alone")
+        ax.axhline(lim["expert_bank_alone_ms"], color="C2", ls=":", label="the bank's math alone (autograd)")
+        peer = peer_of(record, big[0])
+        if peer:
+            ax.axhline(peer, color="C3", ls="-.", label="transformers' Qwen3-MoE block (grouped_mm)")
+        ax.set(ylabel="ms (fwd+bwd)", title=f"against its GEMMs and the peer, {sizes[-1]} tokens")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
     fig.suptitle(f"{record['device']} × {record['world_size']}, {record['backend']}, torch {record['torch']}, "
                  f"{record['date']}: shape {record['shape']}", fontsize=10)
     fig.tight_layout()

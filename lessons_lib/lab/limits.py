@@ -3,6 +3,7 @@
 A step time alone says little; next to what this machine can do at best it says how far off it is:
   - `adamw_ms` + `dense_ffn_ms`: one AdamW update of a rank's weights and one dense FFN doing the rank's expert
     FLOPs: no training step of the layer can take less than their sum here (`step_floors`);
+  - `grouped_gemms_ms`: the expert GEMMs alone on rows already grouped, what the layer adds around them excluded;
   - `alltoall_bus_bandwidth`: one all_to_all_single of the dispatch's size, as fast as the link allows;
   - `collective_latency`: one all_to_all of that size back to back, and right after compute, as in a step.
 """
@@ -63,6 +64,60 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
         (h @ w2).sum().backward()
 
     return median(timed_runs(dense, steps, warmup, device, group))
+
+
+def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None,
+                     with_activation: bool = False) -> float | None:
+    """Median ms of forward + backward (input gradient included) of the grouped bank's GEMMs alone, on `rows` rows
+    already grouped by expert in equal groups: no routing, no dispatch, no combine. What the layer adds around its
+    experts is its time minus this (lesson 04). None where `torch._grouped_mm` has no fast kernel (it needs bf16
+    on a Hopper-class GPU).
+
+    with_activation False: the GEMM kernels alone, 3 forward + 6 backward `torch._grouped_mm` calls (2 + 4 for
+    gelu) on fixed inputs; True: the bank's math under autograd as plain ops (the GEMMs, the activation between
+    them and autograd's sum of the input's two gradients for swiglu)."""
+    from ..moe.experts_batched import grouped_mm_support
+
+    if not grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
+        return None
+    H, F, E, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.num_experts, cfg.torch_dtype
+    sizes = [rows // E] * E
+    sizes[-1] += rows - sum(sizes)
+    offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    w1, w3 = (torch.randn(E, H, F, device=device, dtype=dtype) / H ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, F, H, device=device, dtype=dtype) / F ** 0.5
+    grad_y = torch.randn(rows, H, device=device, dtype=dtype)
+    swiglu = cfg.activation == "swiglu"
+
+    def mm(a, b):
+        return torch._grouped_mm(a, b, offs=offs)
+
+    if with_activation:
+        leaves = [t.requires_grad_() for t in (x, w1, w2, w3)]
+
+        def bank():
+            for t in leaves:
+                t.grad = None
+            h1 = mm(x, w1)
+            h = torch.nn.functional.silu(h1) * mm(x, w3) if swiglu else torch.nn.functional.gelu(h1)
+            mm(h, w2).backward(grad_y)
+
+        return median(timed_runs(bank, steps, warmup, device, group))
+    h, grad_h = torch.randn(rows, F, device=device, dtype=dtype), torch.randn(rows, F, device=device, dtype=dtype)
+
+    def gemms():
+        mm(x, w1)
+        if swiglu:
+            mm(x, w3)
+        mm(h, w2)
+        mm(grad_y, w2.transpose(1, 2))  # grad h
+        mm(h.t(), grad_y)  # grad w2
+        for w in (w1, w3) if swiglu else (w1,):
+            mm(grad_h, w.transpose(1, 2))  # grad x (one part)
+            mm(x.t(), grad_h)  # grad w
+
+    return median(timed_runs(gemms, steps, warmup, device, group))
 
 
 def collective_latency(nbytes: int, device, steps: int = 100, warmup: int = 10, group=None) -> dict:
