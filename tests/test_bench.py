@@ -9,6 +9,8 @@ import torch
 from launcher.run import REPO
 from lessons_lib.lab.bench import layer_flops, markdown
 from lessons_lib.lab.shapes import SHAPES
+from lessons_lib.lab.sizes_readback import WAYS
+from lessons_lib.moe.dispatch_alltoall import read_later
 
 
 def _run_or_kill(cmd: list, timeout: float) -> None:
@@ -148,3 +150,23 @@ def test_the_grouped_gemms_limit_runs_where_the_grouped_gemm_does(monkeypatch):
     monkeypatch.setattr(eb, "grouped_mm_support", lambda *a, **k: (True, "reference kernel"))
     for with_activation in (False, True):
         assert grouped_gemms_ms(cfg, 30, cpu, steps=2, warmup=1, with_activation=with_activation) > 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_split_sizes_read_later_are_the_values_tolist_gives(device):
+    t = torch.tensor([3, 0, 7, 123456789012], device=device)
+    assert read_later(t)() == read_later(t, block=True)() == [3, 0, 7, 123456789012]
+    assert read_later(t[:0])() == []
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_sizes_readback_measurement_times_both_ways_and_writes_its_record(nproc, tmp_path):
+    out = tmp_path / "readback.json"
+    _run_or_kill([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                  "-m", "lessons_lib.lab.sizes_readback", "--out", str(out)], timeout=600)
+    record = json.loads(out.read_text())
+    assert record["world_size"] == nproc and record["device"] == "cpu"
+    run = record["runs"]["64"]
+    assert list(run["rounds_ms"]) == list(WAYS if nproc == 1 else WAYS[1:])  # `local`: one rank only
+    assert all(len(t) == 4 and min(t) > 0 for t in run["rounds_ms"].values())
+    assert all(min(t) <= run["median_ms"][way] <= max(t) for way, t in run["rounds_ms"].items())

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..moe.config import MoEConfig
 from ..moe.layer import MoELayer
 from .records import device_name
-from .timing import make_adamw
+from .timing import make_adamw, median, timed_runs
 
 
 def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, device, path, steps: int = 5,
@@ -42,6 +42,7 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
 
     for _ in range(3):
         step()
+    wall_ms = median(timed_runs(step, steps, 1, device))  # unprofiled: the profiler slows the host
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -61,16 +62,36 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
     # a host sync is where the CPU waits for the GPU: .item(), .tolist(), a device-to-host copy all end in one of these
-    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaEventSynchronize"))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     where = device_name(device)
+    busy = ""
+    if device.type == "cuda":
+        busy_ms = device_busy_us(prof.events()) / 1e3 / steps
+        busy = (f"device busy per step: {busy_ms:.2f} ms of the {wall_ms:.2f} ms step (median, unprofiled): "
+                f"idle {wall_ms - busy_ms:.2f} ms, waiting for the host to queue work\n")
     text = (f"{where} × {dist.get_world_size()}, torch {torch.__version__}, {datetime.date.today().isoformat()}\n"
             f"{dispatcher} + {experts}, {tokens} tokens per rank, {steps} training steps\n"
-            f"device kernels per step: {kernels / steps:.0f}; host syncs (cudaStream/DeviceSynchronize) per step: "
-            f"{syncs / steps:.1f}\n\n"
+            f"device kernels per step: {kernels / steps:.0f}; host syncs (cudaStream/Event/DeviceSynchronize) per "
+            f"step: {syncs / steps:.1f}\n{busy}\n"
             + events.table(sort_by=sort, row_limit=25) + "\n\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=25))
     Path(path).write_text(text)
+
+
+def device_busy_us(events) -> float:
+    """Microseconds in which the device ran something (a kernel, a copy, a memset): the union of their intervals,
+    so that work on two streams at once counts once. Annotations (an optimizer step, a compiled region) are
+    device-side ranges around kernels, not work, and are left out."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type.name == "CUDA" and not e.is_user_annotation)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
 
 
 def op_device_time(table: str, op: str) -> tuple[float, int]:

@@ -140,6 +140,27 @@ class AllToAllState(DispatchState):  # its `sizes` are always known: read back w
     useful_received: list | None  # of out_splits, the real rows
 
 
+def read_later(t: torch.Tensor, block: bool = False):
+    """Start copying a few numbers to the host; returns a function that waits for them and gives them as a list.
+
+    `t.tolist()` waits for everything queued before it, and then the GPU sits idle until the host has queued new
+    work. Copied without blocking, with an event behind the copy, the work queued after it (the dispatch's row
+    gather) keeps the GPU busy while the host waits (`lab.sizes_readback` measures the difference). `block`: read
+    them now, with `tolist()`, as before."""
+    if block or t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(t.device))
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+    return wait
+
+
 def capturing() -> bool:
     """Whether this pass is being recorded into a CUDA graph (`cuda_graph`, lesson 05)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -154,6 +175,8 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     """
 
     fixed_sizes = False
+    # False: read the split sizes with a blocking .tolist(), as before `read_later` (`lab.sizes_readback` compares)
+    read_sizes_later = True
 
     def __init__(self, cfg, group=None):
         super().__init__(cfg, group)
@@ -175,6 +198,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
         N, L = self.world_size, self.num_local_experts
         index = rows_by_expert(routing, self.cfg)  # grouped by expert, hence by destination rank
+        read_sizes = None
         if capturing() or self.fixed_sizes:
             in_splits, out_splits, recv_counts_NL, bank_sizes = self._static_sizes(x_TH, index)
             useful_sent = useful_received = None
@@ -184,13 +208,17 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             recv = self._first_exchange(index.counts, 0, real_sent_N)
             recv_counts_NL = recv[:, :L]
             # One host sync for the split sizes: all_to_all_single needs them as Python ints (so does a loop of GEMMs).
-            sizes = torch.cat([index.counts.view(N, L).sum(1), recv_counts_NL.sum(1), recv[:, L + 1],
-                               real_sent_N, recv[:, L], recv_counts_NL.sum(0)]).tolist()
+            read_sizes = read_later(torch.cat([index.counts.view(N, L).sum(1), recv_counts_NL.sum(1), recv[:, L + 1],
+                                               real_sent_N, recv[:, L], recv_counts_NL.sum(0)]),
+                                    block=not self.read_sizes_later)
+        rows_RH = rows_of_pairs(x_TH, index)  # queued first, so the GPU gathers while the host waits for the sizes
+        if read_sizes is not None:
+            sizes = read_sizes()
             in_splits, out_splits, codes = sizes[:N], sizes[N:2 * N], sizes[2 * N:3 * N]
             self._stop_if_any_rank_failed(codes)
             useful_sent, useful_received, bank_sizes = sizes[3 * N:4 * N], sizes[4 * N:5 * N], sizes[5 * N:]
 
-        received_MH = self._exchange(rows_of_pairs(x_TH, index), out_splits, in_splits, beside, self.wire)
+        received_MH = self._exchange(rows_RH, out_splits, in_splits, beside, self.wire)
         regroup_M = ungroup_M = None
         if N > 1:  # rows arrive as (source 0: expert 0, expert 1, …), (source 1: …), …; the bank wants them by expert
             local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(N),

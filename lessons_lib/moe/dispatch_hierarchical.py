@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dispatch_alltoall import AllToAll, all_to_all_beside, capturing
+from .dispatch_alltoall import AllToAll, all_to_all_beside, capturing, read_later
 from .dispatch_local import Permute, inverse_permutation
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .process_groups import build_node_groups, check_ranks_per_node, default_ranks_per_node
@@ -125,13 +125,15 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         send_N = torch.zeros(self.world_size, dtype=torch.long, device=x_TH.device)
         send_N[peers] = send_P
         recv = self._first_exchange(send_N, 0)
-        sizes = torch.cat([send_P, recv[peers, 0], recv[:, 1]]).tolist()  # one host sync for the split sizes
+        read_sizes = read_later(torch.cat([send_P, recv[peers, 0], recv[:, 1]]))  # one host sync for the split sizes
+        rows_UH = x_TH[token_U]  # gathered while the host waits (lesson 03's `read_later`)
+        sizes = read_sizes()
         hop1_sent, hop1_received, codes = sizes[:P], sizes[P:2 * P], sizes[2 * P:]
         self._stop_if_any_rank_failed(codes)
         if beside is None:
-            rows_VH = AllToAll.apply(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, self.wire)
+            rows_VH = AllToAll.apply(rows_UH, hop1_received, hop1_sent, t.inter_group, self.wire)
         else:  # lesson 08's shared expert runs while the rows cross
-            rows_VH = all_to_all_beside(x_TH[token_U], hop1_received, hop1_sent, t.inter_group, beside, self.wire)
+            rows_VH = all_to_all_beside(rows_UH, hop1_received, hop1_sent, t.inter_group, beside, self.wire)
         # differentiable, so the router's gradient comes back
         weight_Vk = AllToAll.apply(weight_Uk, hop1_received, hop1_sent, t.inter_group)
         expert_Vk = torch.empty(sum(hop1_received), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
@@ -144,10 +146,12 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         row_W, slot_W, expert_W = row_W[by_expert], slot_W[by_expert], expert_W[by_expert]
         counts_RL = count_per_expert(expert_W - t.node * self.experts_per_node, Rn * L).view(Rn, L)
         recv_counts_RL = _exchange_ints(counts_RL, t.intra_group)
-        sizes = torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]).tolist()
+        read_sizes = read_later(torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]))
+        rows_WH = rows_VH[row_W]
+        sizes = read_sizes()
         hop2_sent, hop2_received, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
         # lesson 11: re-encoding rows that arrived in FP8 gives the same values back (`fp8`: power-of-two scales)
-        received_MH = AllToAll.apply(rows_VH[row_W], hop2_received, hop2_sent, t.intra_group, self.wire)
+        received_MH = AllToAll.apply(rows_WH, hop2_received, hop2_sent, t.intra_group, self.wire)
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
                                                  recv_counts_RL.flatten(), output_size=sum(hop2_received))
         regroup_M = torch.argsort(local_expert_M, stable=True)
