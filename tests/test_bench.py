@@ -1,5 +1,6 @@
 """The benchmark suite runs under torchrun on any world size and records what it claims to measure."""
 import json
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,27 @@ def test_the_committed_profile_gives_the_grouped_gemm_time_lesson_04_reads():
 
     seconds, calls = op_device_time((REPO / "images" / "profile_realistic_2xh200.txt").read_text(), "aten::_grouped_mm")
     assert calls == 35 and abs(seconds - 0.0495) < 0.0005
+
+
+def test_device_busy_time_counts_overlapping_work_once_and_no_annotations():
+    from types import SimpleNamespace as NS
+
+    from lessons_lib.lab.profile import device_busy_us
+
+    def event(start, end, device="CUDA", annotation=False):
+        return NS(device_type=NS(name=device), is_user_annotation=annotation, time_range=NS(start=start, end=end))
+
+    events = [event(10, 20), event(15, 30), event(40, 45), event(41, 42),  # two overlaps: [10, 30] and [40, 45]
+              event(0, 100, annotation=True), event(50, 90, device="CPU")]  # neither is device work
+    assert device_busy_us(events) == 25
+    assert device_busy_us([]) == 0
+
+
+def test_the_committed_1xh200_profile_says_how_long_the_device_was_busy():
+    header = (REPO / "images" / "profile_realistic_1xh200.txt").read_text().splitlines()[3]
+    busy, wall, idle = (float(v) for v in re.findall(r"([\d.]+) ms", header))
+    assert header.startswith("device busy per step:") and 0 < busy < wall
+    assert idle == pytest.approx(wall - busy, abs=0.01)
 
 
 def test_the_peer_block_computes_our_layers_function_from_our_weights():

@@ -184,10 +184,14 @@ def memory_table(cfg: MoEConfig, tokens: int, N: int) -> dict:
     b = cfg.torch_dtype.itemsize
     E_local, H, F, rows = cfg.num_experts // N, cfg.hidden_dim, cfg.ffn_dim, tokens * cfg.top_k
     mats = 3 if cfg.activation == "swiglu" else 2
+    if N == 1:  # nothing is sent: the rows are gathered once and come out of the experts once
+        rows_what, copies = "dispatched, expert output (one rank sends nothing)", 2
+    else:
+        rows_what, copies = "sent, received, regrouped, expert output, back in received order, returned", 6
     return {
         f"expert weights (E/N · {mats} · H · F)": E_local * mats * H * F * b / 1e9,
         "their gradients": E_local * mats * H * F * b / 1e9,
-        "token rows [T·k, H]: sent, received, regrouped, expert output, returned (5 buffers)": 5 * rows * H * b / 1e9,
+        f"token rows [T·k, H]: {rows_what} ({copies} buffers)": copies * rows * H * b / 1e9,
         "expert activations saved for backward [T·k, F]: x·w1, x·w3, act": 3 * rows * F * b / 1e9,
         "input, output and its gradient [T, H]": 3 * tokens * H * b / 1e9,
     }
