@@ -84,5 +84,22 @@ def test_the_command_writes_its_record_on_two_ranks(tmp_path):
                                               text=True).stdout.strip()
     run = record["runs"]["alltoall + grouped"]
     assert len(run["ratio"]) == 2 and "alltoall + grouped" in printed
+    assert out.with_suffix(".png").stat().st_size > 0  # its figure beside it
     if not uncommitted_layer_changes():
         assert run["max_diff_y"] == 0.0 and record["after_uncommitted_changes"] is False
+
+
+@pytest.mark.parametrize("name, before", [("revision_ab_small_cpu", "1bb554b"),
+                                          ("revision_ab_small_cpu_control", None)])
+def test_the_committed_records_say_what_the_readme_quotes(name, before):
+    import statistics
+
+    record = json.loads((REPO / "images" / f"{name}.json").read_text())
+    assert record["device"] == "cpu" and record["world_size"] == 2 and not record["after_uncommitted_changes"]
+    assert record["before"].startswith(before or record["after"])  # the control: the checkout against its commit
+    medians = [statistics.median(r["ratio"]) for r in record["runs"].values()]
+    assert len(medians) == 6 and all(len(r["ratio"]) == 60 for r in record["runs"].values())
+    assert all(r["max_diff_y"] == 0.0 and r["max_diff_grad_x"] < 1e-6 for r in record["runs"].values())
+    quoted = f"{min(medians):.3f} and {max(medians):.3f}" if before else f"{min(medians):.3f} to {max(medians):.3f}"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert quoted in readme and f"mean {statistics.mean(medians):.3f}" in readme

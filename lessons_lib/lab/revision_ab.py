@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..moe.layer import MoELayer
-from .records import record_header, write_record
+from .records import record_header, redraw_record, write_record
 from .shapes import SHAPES
 from .timing import keep_freed_memory, median, timed_runs
 
@@ -109,18 +109,46 @@ def revision_times(package, cfg, combos, tokens: int, device, rounds: int = 30, 
     return out
 
 
+def plot_record(record: dict):
+    """Each combination's after / before ratio: the median over the rounds, and the middle half of the rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = record["runs"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(runs) + 1.4))
+    for i, r in enumerate(runs.values()):
+        q1, _, q3 = statistics.quantiles(r["ratio"], n=4)
+        ax.plot([q1, q3], [i, i], "-", color="tab:blue", lw=4, alpha=0.4)
+        ax.plot(median(r["ratio"]), i, "o", color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(runs)), list(runs))
+    ax.invert_yaxis()
+    ax.set_xlabel("fwd + bwd time, after / before\n(dot: median of the rounds; bar: their middle half)")
+    ax.set_title(f"{record['after'][:7]} against {record['before'][:7]}, {record['device']} × {record['world_size']}, "
+                 f"{len(next(iter(runs.values()))['ratio'])} rounds", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> None:
     from .torchrun import init_from_torchrun, leave_torchrun
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", required=True, help="the earlier git revision (a sha, a tag, HEAD~3)")
+    p.add_argument("--before", help="the earlier git revision (a sha, a tag, HEAD~3); needed unless --plot")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
     p.add_argument("--dispatchers", nargs="+", default=["allgather", "alltoall"])
     p.add_argument("--experts", nargs="+", default=["loop", "bmm", "grouped"])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="images/revision_ab_small_cpu.json")
+    p.add_argument("--plot", action="store_true", help="only redraw OUT's figure (OUT with .png) from OUT")
     a = p.parse_args(argv)
+    if a.plot:
+        return redraw_record(a.out, plot_record)
+    if a.before is None:
+        p.error("--before REVISION is needed (the revision to time this checkout against)")
     package, sha = load_revision(a.before)  # every rank, before any collective: a bad revision stops them all
     device = init_from_torchrun("lessons_lib.lab.revision_ab")
     if device.type == "cpu":
@@ -137,7 +165,7 @@ def main(argv=None) -> None:
             print(f"{combo:20s} before {median(r['before_ms']):7.2f} ms  after {median(r['after_ms']):7.2f} ms  "
                   f"after/before {median(r['ratio']):.3f} (half the rounds {q1:.3f} to {q3:.3f})  "
                   f"max |Δy| {r['max_diff_y']:.1e}, |Δ grad x| {r['max_diff_grad_x']:.1e}", flush=True)
-        write_record(record, a.out)
+        write_record(record, a.out, plot_record)
     leave_torchrun()
 
 
