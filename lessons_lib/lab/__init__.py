@@ -8,6 +8,7 @@ proofs of equality with the single-device layer, benchmarks, committed records a
     figures.py           committed figures and source in a notebook; headless runs          lesson 01
     progress.py          progress that reads as progress, live or headless                  lesson 01
     bench_experts.py     the expert banks next to a dense GEMM                              lesson 04
+    group_sizes.py       the grouped GEMMs on the same rows in groups of other sizes        lesson 04
     graph_times.py       what one CUDA graph per step buys                                  lesson 05
     load_imbalance.py    the busiest rank sets the step time                                lesson 06
     comm_model.py        EP and TP bytes, the formulas                                      lesson 07

@@ -15,7 +15,11 @@ For each dispatcher × expert bank it measures, on every rank's own random token
   phases_ms      the forward split into route / dispatch / experts / combine (median, slowest rank);
   tokens_per_s, tflops_per_gpu (expert + router FLOPs, ×3 for forward + backward), mfu (dense bf16 peak);
   bytes sent per rank in dispatch and combine (counted by the dispatcher) and their bandwidth;
-  peak_mem_gb    the most memory allocated during forward + backward (GPU).
+  peak_mem_gb    the most memory allocated during forward + backward (GPU);
+  device_time    (GPU) one pass split into grouped GEMM kernels, other kernels and device idle, passes queued
+                 back to back (`profile.device_time_by_part`);
+  grouped_gemms_at_counts_ms  (fast grouped GEMM only) the expert GEMMs alone at the group sizes this run's
+                 routing gave, alternating with equal groups of the same rows (grouped_gemms_equal_ms).
 And, where transformers is installed and computes the same function (the softmax top-k router, SwiGLU), the
 peer a user would pick instead: its Qwen3-MoE block with grouped_mm experts, same shape and weights (`peers`).
 At the small shape on a GPU it also times the final layer with lesson 05's static shapes, eagerly and replayed
@@ -37,9 +41,10 @@ import torch
 import torch.distributed as dist
 
 from ..moe.config import MoEConfig
-from ..moe.experts_batched import flops_per_row
+from ..moe.experts_batched import flops_per_row, grouped_mm_support
 from ..moe.layer import MoELayer
 from .limits import adamw_ms, alltoall_bus_bandwidth, collective_latency, dense_ffn_ms, grouped_gemms_ms
+from .profile import device_time_by_part
 from .records import record_header
 from .shapes import SHAPES
 from .timing import make_adamw, median, timed_runs
@@ -99,6 +104,12 @@ def forward_phases(layer: MoELayer, x: torch.Tensor, steps: int, warmup: int = 3
     return dict(zip(("route", "dispatch", "experts", "combine"), _max_over_ranks(medians, device)))
 
 
+def equal_split(sizes: list[int]) -> list[int]:
+    """As many groups as `sizes`, of as equal sizes as the same total allows."""
+    n, total = len(sizes), sum(sizes)
+    return [total // n + (i < total % n) for i in range(n)]
+
+
 def layer_flops(cfg: MoEConfig, tokens: int) -> int:
     """Forward FLOPs per rank, balanced routing, dropless: the router's [T, H]·[H, E] and k expert rows per token."""
     return 2 * tokens * cfg.hidden_dim * cfg.num_experts + tokens * cfg.top_k * flops_per_row(cfg)
@@ -130,6 +141,21 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
     if device.type == "cuda":
         out["peak_mem_gb"] = max(_max_over_ranks([torch.cuda.max_memory_allocated(device) / 1e9], device))
         out["weights_gb"] = sum(p.numel() * p.element_size() for p in layer.parameters()) / 1e9
+        out["device_time"] = device_time_by_part(fwd_bwd, device)
+    if grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
+        # the same nine GEMMs at the group sizes this run's routing gives (rows per expert held here): unequal
+        # groups fill the kernel's row tiles less well than the equal groups of `limits`
+        with torch.no_grad():
+            _, counts_L, _ = layer.dispatch(x.detach(), layer.route(x.detach()))
+        sizes = counts_L.tolist()
+        out["expert_rows"] = {"min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)}
+        # alternating with equal groups of the same rows, so that both see the GPU in the same state (its clock
+        # drifts over a run by more than the difference)
+        equal, at_counts = [], []
+        for _ in range(3):
+            equal.append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=equal_split(sizes)))
+            at_counts.append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=sizes))
+        out["grouped_gemms_equal_ms"], out["grouped_gemms_at_counts_ms"] = median(equal), median(at_counts)
     if train_step:
         opt = make_adamw(layer.parameters())
 
@@ -268,7 +294,8 @@ def markdown(record: dict) -> str:
     lines += [f"*Corrected after the run:* {c}\n" for c in record.get("corrections", [])]
     header = ["dispatcher", "experts", "tokens/rank", "fwd+bwd ms", "step ms", "step floor ms", "µs/token",
               "TFLOP/s/GPU", "MFU", "route / dispatch / experts / combine ms (fwd)", "dispatch GB/s", "combine GB/s",
-              "a2a busbw GB/s", "dense FFN TFLOP/s", "peak GB", "× GEMMs alone", "peer ms / this"]
+              "a2a busbw GB/s", "dense FFN TFLOP/s", "peak GB", "× GEMMs alone", "× GEMMs at its counts",
+              "peer ms / this"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in record["runs"]:
@@ -283,7 +310,23 @@ def markdown(record: dict) -> str:
             f"{fmt(r['dispatch_gbps'], '.3g')} | {fmt(r['combine_gbps'], '.3g')} | "
             f"{fmt(lim['alltoall']['busbw_gbps'], '.3g')} | {lim['dense_ffn_tflops']:.3g} | "
             f"{fmt(r.get('peak_mem_gb'), '.3g')} | {fmt(ratio(r['fwd_bwd_ms'], lim.get('grouped_gemms_ms')), '.2f')} | "
+            f"{fmt(ratio(r['fwd_bwd_ms'], r.get('grouped_gemms_at_counts_ms')), '.2f')} | "
             f"{fmt(ratio(peer_of(record, r), r['fwd_bwd_ms']), '.2f')} |")
+    timed = [r for r in record["runs"] if "device_time" in r]
+    if timed:
+        lines += ["", "Where the device's time goes, forward + backward passes queued back to back (no host sync "
+                  "between; `profile.device_time_by_part`), ms per pass:", "",
+                  "| dispatcher | experts | tokens/rank | queued (unprofiled) | profiled: grouped GEMM kernels + "
+                  "other kernels + device idle = span | GEMMs alone (same run): equal groups / the routing's "
+                  "(rows per expert) | largest other ops |", "|" + "---|" * 7]
+        for r in timed:
+            d, rows = r["device_time"], r.get("expert_rows")
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(d["top_ops"].items())[:4])
+            counts = f" ({rows['min']}-{rows['max']})" if rows else ""
+            lines.append(f"| {r['dispatcher']} | {r['experts']} | {r['tokens_per_rank']} | {d['queued_ms']:.3g} | "
+                         f"{d['grouped_gemm_ms']:.3g} + {d['other_ms']:.3g} + {d['idle_ms']:.2f} = "
+                         f"{d['span_ms']:.3g} | {fmt(r.get('grouped_gemms_equal_ms'), '.3g')} / "
+                         f"{fmt(r.get('grouped_gemms_at_counts_ms'), '.3g')}{counts} | {top} |")
     for t, lim in record["limits"].items():
         if lim.get("grouped_gemms_ms") is not None:
             peer = record.get("peers", {}).get(t, {})
@@ -378,8 +421,10 @@ def plot(record: dict, path) -> None:
     sizes = sorted({r["tokens_per_rank"] for r in runs})
     lim = record["limits"][str(sizes[-1])]
     with_limits = lim.get("grouped_gemms_ms") is not None  # one panel more: time against the GEMMs and the peer
-    fig, axes = plt.subplots(1, 4 if with_limits else 3, figsize=(21 if with_limits else 16, 4))
     big = [r for r in runs if r["tokens_per_rank"] == sizes[-1]]
+    with_parts = with_limits and all("device_time" in r for r in big)  # and one more: where the device's time goes
+    panels = 3 + with_limits + with_parts
+    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4))
     names = [f"{r['dispatcher']}\n{r['experts']}" for r in big]
     axes[0].bar(names, [r["tflops_per_gpu"] for r in big], color="C0")
     axes[0].axhline(record["limits"][str(sizes[-1])]["dense_ffn_tflops"], color="C3", ls="--",
@@ -422,6 +467,22 @@ def plot(record: dict, path) -> None:
         ax.set(ylabel="ms (fwd+bwd)", title=f"against its GEMMs and the peer, {sizes[-1]} tokens")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
+    if with_parts:
+        ax = axes[4]
+        bottom = [0.0] * len(big)
+        for part, label, colour in (("grouped_gemm_ms", "grouped GEMM kernels", "C2"),
+                                    ("other_ms", "other kernels", "C1"), ("idle_ms", "device idle", "C7")):
+            vals = [max(0.0, r["device_time"][part]) for r in big]
+            ax.bar(names, vals, bottom=bottom, color=colour, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.axhline(big[0].get("grouped_gemms_equal_ms", lim["grouped_gemms_ms"]), color="C2", ls="--",
+                   label="GEMMs alone, equal groups")
+        at_counts = big[0].get("grouped_gemms_at_counts_ms")
+        if at_counts:
+            ax.axhline(at_counts, color="k", ls=":", label="GEMMs alone, the routing's group sizes")
+        ax.set(ylabel="ms per pass (profiled, queued back to back)", title="where the device's time goes")
+        ax.set_ylim(0, 1.45 * max(bottom))
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.suptitle(f"{record['device']} × {record['world_size']}, {record['backend']}, torch {record['torch']}, "
                  f"{record['date']}: shape {record['shape']}", fontsize=10)
     fig.tight_layout()

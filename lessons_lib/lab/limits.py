@@ -67,7 +67,7 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
 
 
 def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None,
-                     with_activation: bool = False) -> float | None:
+                     with_activation: bool = False, sizes: list[int] | None = None) -> float | None:
     """Median ms of forward + backward (input gradient included) of the grouped bank's GEMMs alone, on `rows` rows
     already grouped by expert in equal groups: no routing, no dispatch, no combine. What the layer adds around its
     experts is its time minus this (lesson 04). None where `torch._grouped_mm` has no fast kernel (it needs bf16
@@ -75,14 +75,21 @@ def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, g
 
     with_activation False: the GEMM kernels alone, 3 forward + 6 backward `torch._grouped_mm` calls (2 + 4 for
     gelu) on fixed inputs; True: the bank's math under autograd as plain ops (the GEMMs, the activation between
-    them and autograd's sum of the input's two gradients for swiglu)."""
+    them and autograd's sum of the input's two gradients for swiglu).
+    sizes: the rows of each group instead (one per expert held, summing to `rows`), say the counts a router gave:
+    the kernel works in tiles of rows, so unequal groups leave more of them part-empty than equal ones."""
     from ..moe.experts_batched import grouped_mm_support
 
+    if sizes is not None and (sum(sizes) != rows or min(sizes, default=-1) < 0):
+        raise ValueError(f"sizes must be one row count >= 0 per group, summing to rows={rows}; got {sizes}")
     if not grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
         return None
-    H, F, E, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.num_experts, cfg.torch_dtype
-    sizes = [rows // E] * E
-    sizes[-1] += rows - sum(sizes)
+    H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
+    if sizes is None:
+        E = cfg.num_experts
+        sizes = [rows // E] * E
+        sizes[-1] += rows - sum(sizes)
+    E = len(sizes)
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
     x = torch.randn(rows, H, device=device, dtype=dtype)
     w1, w3 = (torch.randn(E, H, F, device=device, dtype=dtype) / H ** 0.5 for _ in range(2))

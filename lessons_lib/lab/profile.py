@@ -80,6 +80,60 @@ def profile_step(cfg: MoEConfig, tokens: int, dispatcher: str, experts: str, dev
     Path(path).write_text(text)
 
 
+def device_time_by_part(fn, device, passes: int = 10, reps: int = 3) -> dict:
+    """Where the device's time goes in fn() (one forward + backward of a layer), `passes` calls queued back to back
+    as a training loop queues them, no host sync between (lesson 04 reads it from the bench's 1x H200 record):
+
+    queued_ms: wall time per pass, unprofiled (CUDA events around the queue, median of `reps` queues);
+    and per pass in one profiled queue: span_ms from its first kernel's start to its last one's end, busy_ms in
+    which the device ran something, idle_ms = span_ms - busy_ms in which it waited for the host (the profiler
+    slows the host, so this is at most what an unprofiled queue waits), grouped_gemm_ms the kernels of
+    `torch._grouped_mm` (the experts' GEMMs), other_ms the rest of busy_ms, and top_ops the ops whose own kernels
+    took the most of other_ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def queue():
+        for _ in range(passes):
+            fn()
+
+    queue()
+    torch.cuda.synchronize(device)
+    walls = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        queue()
+        end.record()
+        torch.cuda.synchronize(device)
+        walls.append(start.elapsed_time(end) / passes)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        queue()
+        torch.cuda.synchronize(device)
+    parts = split_device_time(prof.key_averages(), passes)
+    events = prof.events()
+    busy = device_busy_us(events) / 1e3 / passes
+    span = device_span_us(events) / 1e3 / passes
+    return {"passes": passes, "queued_ms": median(walls), "span_ms": span, "busy_ms": busy, "idle_ms": span - busy,
+            "grouped_gemm_ms": parts["grouped_gemm_ms"], "other_ms": busy - parts["grouped_gemm_ms"],
+            "top_ops": parts["top_ops"]}
+
+
+def split_device_time(averages, passes: int, top: int = 8) -> dict:
+    """From a profile's `key_averages()`: ms per pass of the kernels launched by `aten::_grouped_mm`, and the `top`
+    other host-side ops by the device time of the kernels they launched themselves (their self device time:
+    a kernel counts under the innermost op around its launch, so nothing counts twice)."""
+    own = {}
+    for a in averages:
+        if a.device_type.name == "CPU":
+            us = getattr(a, "self_device_time_total", None)
+            us = a.self_cuda_time_total if us is None else us
+            if us > 0:
+                own[a.key] = own.get(a.key, 0.0) + us / 1e3 / passes
+    grouped = own.pop("aten::_grouped_mm", 0.0)
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    return {"grouped_gemm_ms": grouped, "top_ops": {k: v for k, v in ranked}}
+
+
 def device_busy_us(events) -> float:
     """Microseconds in which the device ran something (a kernel, a copy, a memset): the union of their intervals,
     so that work on two streams at once counts once. Annotations (an optimizer step, a compiled region) are
@@ -92,6 +146,13 @@ def device_busy_us(events) -> float:
             busy += stop - max(start, end)
             end = stop
     return busy
+
+
+def device_span_us(events) -> float:
+    """Microseconds from the first device work's start to the last one's end (annotations left out)."""
+    spans = [(e.time_range.start, e.time_range.end) for e in events
+             if e.device_type.name == "CUDA" and not e.is_user_annotation]
+    return max(end for _, end in spans) - min(start for start, _ in spans) if spans else 0.0
 
 
 def op_device_time(table: str, op: str) -> tuple[float, int]:
