@@ -7,18 +7,17 @@ import torch
 
 from launcher.run import REPO
 from lessons_lib import MoEConfig
-from lessons_lib.lab.bench import equal_split
 from lessons_lib.lab.group_sizes import TILE, routed_sizes, size_ways
-from lessons_lib.lab.limits import grouped_gemms_ms
+from lessons_lib.lab.limits import equal_split, grouped_gemms_ms
 from lessons_lib.lab.profile import device_span_us, split_device_time
 
 IMAGES = REPO / "images"
 
 
 def test_equal_split_keeps_the_total_and_the_number_of_groups():
-    assert equal_split([5, 0, 10]) == [5, 5, 5]
-    assert equal_split([7, 0, 0, 0]) == [2, 2, 2, 1]
-    assert equal_split([0, 0]) == [0, 0]
+    assert equal_split(15, 3) == [5, 5, 5]
+    assert equal_split(7, 4) == [2, 2, 2, 1]
+    assert equal_split(0, 2) == [0, 0]
 
 
 def test_the_grouped_gemms_limit_refuses_sizes_that_do_not_make_its_rows_before_any_work():

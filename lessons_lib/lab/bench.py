@@ -43,7 +43,7 @@ import torch.distributed as dist
 from ..moe.config import MoEConfig
 from ..moe.experts_batched import flops_per_row, grouped_mm_support
 from ..moe.layer import MoELayer
-from .limits import adamw_ms, alltoall_bus_bandwidth, collective_latency, dense_ffn_ms, grouped_gemms_ms
+from .limits import adamw_ms, alltoall_bus_bandwidth, collective_latency, dense_ffn_ms, equal_split, grouped_gemms_ms
 from .profile import device_time_by_part
 from .records import record_header
 from .shapes import SHAPES
@@ -104,12 +104,6 @@ def forward_phases(layer: MoELayer, x: torch.Tensor, steps: int, warmup: int = 3
     return dict(zip(("route", "dispatch", "experts", "combine"), _max_over_ranks(medians, device)))
 
 
-def equal_split(sizes: list[int]) -> list[int]:
-    """As many groups as `sizes`, of as equal sizes as the same total allows."""
-    n, total = len(sizes), sum(sizes)
-    return [total // n + (i < total % n) for i in range(n)]
-
-
 def layer_flops(cfg: MoEConfig, tokens: int) -> int:
     """Forward FLOPs per rank, balanced routing, dropless: the router's [T, H]·[H, E] and k expert rows per token."""
     return 2 * tokens * cfg.hidden_dim * cfg.num_experts + tokens * cfg.top_k * flops_per_row(cfg)
@@ -151,10 +145,10 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
         out["expert_rows"] = {"min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)}
         # alternating with equal groups of the same rows, so that both see the GPU in the same state (its clock
         # drifts over a run by more than the difference)
-        equal, at_counts = [], []
+        rows, equal, at_counts = sum(sizes), [], []
         for _ in range(3):
-            equal.append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=equal_split(sizes)))
-            at_counts.append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=sizes))
+            equal.append(grouped_gemms_ms(cfg, rows, device, steps, warmup=2, sizes=equal_split(rows, len(sizes))))
+            at_counts.append(grouped_gemms_ms(cfg, rows, device, steps, warmup=2, sizes=sizes))
         out["grouped_gemms_equal_ms"], out["grouped_gemms_at_counts_ms"] = median(equal), median(at_counts)
     if train_step:
         opt = make_adamw(layer.parameters())

@@ -66,6 +66,11 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
     return median(timed_runs(dense, steps, warmup, device, group))
 
 
+def equal_split(rows: int, groups: int) -> list[int]:
+    """`rows` split into `groups` groups of as equal sizes as the total allows."""
+    return [rows // groups + (i < rows % groups) for i in range(groups)]
+
+
 def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group=None,
                      with_activation: bool = False, sizes: list[int] | None = None) -> float | None:
     """Median ms of forward + backward (input gradient included) of the grouped bank's GEMMs alone, on `rows` rows
@@ -85,10 +90,7 @@ def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, g
     if not grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
         return None
     H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
-    if sizes is None:
-        E = cfg.num_experts
-        sizes = [rows // E] * E
-        sizes[-1] += rows - sum(sizes)
+    sizes = equal_split(rows, cfg.num_experts) if sizes is None else sizes
     E = len(sizes)
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
     x = torch.randn(rows, H, device=device, dtype=dtype)

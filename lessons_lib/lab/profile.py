@@ -87,7 +87,7 @@ def device_time_by_part(fn, device, passes: int = 10, reps: int = 3) -> dict:
     queued_ms: wall time per pass, unprofiled (CUDA events around the queue, median of `reps` queues);
     and per pass in one profiled queue: span_ms from its first kernel's start to its last one's end, busy_ms in
     which the device ran something, idle_ms = span_ms - busy_ms in which it waited for the host (the profiler
-    slows the host, so this is at most what an unprofiled queue waits), grouped_gemm_ms the kernels of
+    slows the host, so an unprofiled queue waits no longer than this), grouped_gemm_ms the kernels of
     `torch._grouped_mm` (the experts' GEMMs), other_ms the rest of busy_ms, and top_ops the ops whose own kernels
     took the most of other_ms."""
     from torch.profiler import ProfilerActivity, profile
@@ -125,8 +125,7 @@ def split_device_time(averages, passes: int, top: int = 8) -> dict:
     own = {}
     for a in averages:
         if a.device_type.name == "CPU":
-            us = getattr(a, "self_device_time_total", None)
-            us = a.self_cuda_time_total if us is None else us
+            us = a.self_device_time_total
             if us > 0:
                 own[a.key] = own.get(a.key, 0.0) + us / 1e3 / passes
     grouped = own.pop("aten::_grouped_mm", 0.0)
