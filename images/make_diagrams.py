@@ -45,7 +45,7 @@ def draw_layer(path: Path) -> None:
     names = sorted(DISPATCHERS)
     listed = "\n".join(", ".join(names[i:i + 2]) for i in range(0, len(names), 2))
     _box(ax, 1.8, 0.5, 1.8, 1.5, "dispatcher\n.dispatch\n" + listed, "#FBE3D3", 9)
-    _box(ax, 4.9, 0.5, 2.6, 1.5, "expert bank\nE FFNs, stacked\nw1, w2 (, w3)\n" + ", ".join(sorted(EXPERT_BANKS)),
+    _box(ax, 4.9, 0.5, 2.6, 1.5, "expert bank\nE FFNs, stacked\nw1 (w13), w2\n" + ", ".join(sorted(EXPERT_BANKS)),
          "#DCEFD9", 9)
     _box(ax, 8.8, 0.5, 1.8, 1.5, "dispatcher\n.combine\nΣ weight · expert(x)", "#FBE3D3", 9)
     _box(ax, 10.9, 1.4, 1.0, 0.8, "y\n[T, H]")

@@ -13,6 +13,8 @@ Modes (params["mode"]):
   lesson12: generation of the MoE transformer with its MoE layers over the ranks against one device; two
     micro-batches and the static decode path against the layer whole; a bad generate() argument on one rank.
 """
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -646,14 +648,26 @@ def main():
                          ("R for alltoall", {"dispatcher": "alltoall", "ranks_per_node": 2}),
                          ("a group", {"dispatcher": "hierarchical", "group": dist.group.WORLD}),
                          ("capacity", {"dispatcher": "hierarchical", "cfg": MoEConfig(
-                             num_experts=2 * world_size, top_k=2, hidden_dim=8, ffn_dim=8, capacity_factor=1.0)})):
+                             num_experts=2 * world_size, top_k=2, hidden_dim=8, ffn_dim=8, capacity_factor=1.0)}),
+                         ("R differs", {"dispatcher": "hierarchical", "ranks_per_node": 1 if rank == 0 else 2}),
+                         # torchrun on two machines with different --nproc-per-node: LOCAL_WORLD_SIZE differs
+                         ("LOCAL_WORLD_SIZE differs", {"dispatcher": "hierarchical",
+                                                       "env": "2" if rank == world_size - 1 else "1"})):
             kw = dict(kw)
+            saved = os.environ.get("LOCAL_WORLD_SIZE")
+            if "env" in kw:
+                os.environ["LOCAL_WORLD_SIZE"] = kw.pop("env")
             try:
                 MoELayer(kw.pop("cfg", cfg), **kw)
                 result[name] = "no error"
             except ValueError as e:
                 result[name] = str(e)
-        dist.barrier()  # every rank got here: nothing waited in a collective
+            finally:
+                if saved is not None:
+                    os.environ["LOCAL_WORLD_SIZE"] = saved
+        every = [None] * world_size  # every rank got here: nothing waited in a collective forever
+        dist.all_gather_object(every, result)
+        result = every
     elif p["mode"] == "overlap_timeline":  # lesson 08's measurement, at a small shape
         from lessons_lib.lab.overlap_timeline import overlap_step_times, timelines
         # rows big enough (256 KiB per rank) that the exchange is still in flight when the shared expert starts

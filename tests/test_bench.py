@@ -174,6 +174,28 @@ def test_the_grouped_gemms_limit_runs_where_the_grouped_gemm_does(monkeypatch):
         assert grouped_gemms_ms(cfg, 30, cpu, steps=2, warmup=1, with_activation=with_activation) > 0
 
 
+def test_the_limits_time_the_gemms_of_the_experts_one_rank_holds(monkeypatch):
+    """On N ranks a rank holds E/N experts, which receive T·k rows in all when balanced: the GEMMs-alone limit is
+    those E/N groups, not E groups of the same rows (which would be N times the weights, in smaller groups)."""
+    import lessons_lib.lab.bench as bench
+    from lessons_lib import MoEConfig
+
+    seen = []
+
+    def fake_grouped_gemms_ms(cfg, rows, device, steps, warmup, with_activation=False, sizes=None):
+        seen.append((rows, sizes))
+        return 1.0
+
+    monkeypatch.setattr(bench, "grouped_gemms_ms", fake_grouped_gemms_ms)
+    for name in ("alltoall_bus_bandwidth", "collective_latency"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: {})
+    monkeypatch.setattr(bench, "dense_ffn_ms", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(bench.dist, "get_world_size", lambda *a: 4)
+    bench.limits(MoEConfig(num_experts=16, top_k=2, hidden_dim=8, ffn_dim=8), 10, torch.device("cpu"), steps=1)
+    assert seen == [(20, [5, 5, 5, 5])] * 2  # 4 experts per rank, 20 rows
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_split_sizes_read_later_are_the_values_tolist_gives(device):
     t = torch.tensor([3, 0, 7, 123456789012], device=device)

@@ -21,7 +21,7 @@ def test_ep_layers_equal_the_single_device_layer(nproc):
     assert sum("capacity" in r["case"] for r in rows) == capacity_cases
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     assert {r["experts"] for r in rows} == {"loop", "bmm", "grouped"}
-    assert {"grad_experts.w3", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
+    assert {"grad_experts.w13", "grad_router.weight", "grad_input", "output"} <= set(rows[-1]["errors"])
     def paths(looped):
         return {r["path"].split(":")[0] for r in rows
                 if r["experts"] == "grouped" and r["case"].startswith("loop of mm") == looped}
@@ -92,9 +92,9 @@ def test_traffic_is_counted_from_the_real_sizes(nproc):
 
 def test_one_ep_x_dp_training_step_equals_the_single_device_step():
     result = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "ep_dp"}, stream=False, timeout=300).value
-    swiglu = {"experts.w1", "experts.w2", "experts.w3"}
+    swiglu = {"experts.w13", "experts.w2"}
     expected = {"loop": {"router.weight"} | swiglu, "grouped": {"router.weight"} | swiglu,
-                "shared": {"router.weight", "shared.w1", "shared.w2", "shared.w3", "shared.gate"} | swiglu,
+                "shared": {"router.weight", "shared.w13", "shared.w2", "shared.gate"} | swiglu,
                 "hash": {"shared.w1", "shared.w2", "experts.w1", "experts.w2"}}  # lesson 08: no router weight
     for variant, names in expected.items():
         errors = result[variant]

@@ -52,13 +52,15 @@ def test_combine_rows_in_bf16_sums_in_fp32():
 
 def test_swiglu_backward_equals_autograds():
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(11, 12, generator=g, dtype=torch.float64, requires_grad=True)  # [a | b], 6 columns each
     grad = torch.randn(11, 6, generator=g, dtype=torch.float64)
-    ours, ref = SwiGLU.apply(a, b), F.silu(a) * b
+    ours, ref = SwiGLU.apply(h), F.silu(h[:, :6]) * h[:, 6:]
     torch.testing.assert_close(ours, ref)
-    for x, y in zip(torch.autograd.grad(ours, (a, b), grad), torch.autograd.grad(ref, (a, b), grad)):
-        torch.testing.assert_close(x, y)
+    (ours_grad,), (ref_grad,) = torch.autograd.grad(ours, h, grad), torch.autograd.grad(ref, h, grad)
+    torch.testing.assert_close(ours_grad, ref_grad)
+    assert ours_grad[:, :6].abs().min() > 0 and ours_grad[:, 6:].abs().min() > 0  # both halves written
+    with pytest.raises(ValueError, match="even width"):
+        SwiGLU.apply(torch.zeros(2, 5))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and gather_sum_kernel.triton is not None),

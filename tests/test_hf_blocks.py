@@ -15,12 +15,13 @@ E, K, H, F, S = 8, 2, 16, 32, 24
 
 @torch.no_grad()
 def load_hf_experts(experts, shared, sd):
-    """Ours: w1, w3 [E, H, F], w2 [E, F, H] (x @ w). Theirs: gate_up_proj [E, 2F, H], down_proj [E, H, F] and
-    nn.Linear weights [out, in] (x @ Wᵀ)."""
-    experts.gate_up_proj.copy_(torch.cat([sd["experts.w1"], sd["experts.w3"]], dim=2).transpose(1, 2))
+    """Ours: w13 [E, H, 2F] (the gate's F columns, then the up projection's), w2 [E, F, H] (x @ w). Theirs:
+    gate_up_proj [E, 2F, H] in the same order, down_proj [E, H, F] and nn.Linear weights [out, in] (x @ Wᵀ)."""
+    experts.gate_up_proj.copy_(sd["experts.w13"].transpose(1, 2))
     experts.down_proj.copy_(sd["experts.w2"].transpose(1, 2))
-    shared.gate_proj.weight.copy_(sd["shared.w1"].T)
-    shared.up_proj.weight.copy_(sd["shared.w3"].T)
+    gate, up = sd["shared.w13"].chunk(2, dim=1)
+    shared.gate_proj.weight.copy_(gate.T)
+    shared.up_proj.weight.copy_(up.T)
     shared.down_proj.weight.copy_(sd["shared.w2"].T)
 
 

@@ -15,8 +15,11 @@ def reference_moe(x, sd, cfg):
     for t in range(x.shape[0]):
         acc = torch.zeros(cfg.hidden_dim)
         for e, w in zip(ids[t].tolist(), weights[t]):
-            h = x[t] @ sd["experts.w1"][e]
-            h = F.silu(h) * (x[t] @ sd["experts.w3"][e]) if cfg.activation == "swiglu" else F.gelu(h)
+            if cfg.activation == "swiglu":  # w13 [E, H, 2F]: the gate's F columns, then the up projection's
+                gate, up = sd["experts.w13"][e].split(cfg.ffn_dim, dim=-1)
+                h = F.silu(x[t] @ gate) * (x[t] @ up)
+            else:
+                h = F.gelu(x[t] @ sd["experts.w1"][e])
             acc = acc + w * (h @ sd["experts.w2"][e])
         out.append(acc)
     return torch.stack(out) if out else x.new_zeros(0, cfg.hidden_dim)
@@ -91,9 +94,9 @@ def test_load_full_state_dict_roundtrip_and_errors():
     x = torch.randn(5, 8)
     assert torch.equal(layer(x)[0], MoELayer(MoEConfig(**{**cfg.__dict__, "seed": 9}))(x)[0])
     with pytest.raises(ValueError, match="missing"):
-        layer.load_full_state_dict({k: v for k, v in other.items() if k != "experts.w3"})
-    with pytest.raises(ValueError, match=r"experts.w1 must have shape \[4, 8, 8\]"):
-        layer.load_full_state_dict({**other, "experts.w1": torch.zeros(4, 8, 9)})
+        layer.load_full_state_dict({k: v for k, v in other.items() if k != "experts.w2"})
+    with pytest.raises(ValueError, match=r"experts.w13 must have shape \[4, 8, 16\]"):
+        layer.load_full_state_dict({**other, "experts.w13": torch.zeros(4, 8, 9)})
 
 
 def test_bad_input_and_names():

@@ -20,7 +20,7 @@ def test_shared_experts_and_hash_routing_equal_the_single_device_layer(nproc):
     assert len(rows) == 3 * 2 * 5 * (cases + 1)
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     gated = next(r for r in rows if r["case"].startswith("shared gated") and r["dispatcher"] == "alltoall")
-    assert {"grad_shared.w1", "grad_shared.w2", "grad_shared.w3", "grad_shared.gate", "grad_router.weight"} \
+    assert {"grad_shared.w13", "grad_shared.w2", "grad_shared.gate", "grad_router.weight"} \
         <= set(gated["errors"])
     hashed = next(r for r in rows if r["case"].startswith("hash:"))
     assert not any("router" in name for name in hashed["errors"])  # the hash router has no weight
@@ -51,14 +51,14 @@ def test_shared_expert_is_added_to_the_routed_output():
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=16, activation="swiglu", shared_ffn_dim=12,
                     shared_gate=True)
     sd = init_full_state_dict(cfg)
-    assert sd["shared.w1"].shape == (8, 12) and sd["shared.w2"].shape == (12, 8) and sd["shared.gate"].shape == (1, 8)
+    assert sd["shared.w13"].shape == (8, 24) and sd["shared.w2"].shape == (12, 8) and sd["shared.gate"].shape == (1, 8)
     layer = MoELayer(cfg)
     layer.load_full_state_dict(sd)
     routed_only = MoELayer(MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=16, activation="swiglu"))
     routed_only.load_full_state_dict({k: v for k, v in sd.items() if not k.startswith("shared.")})
     x = torch.randn(5, 8)
     shared = torch.sigmoid(x @ sd["shared.gate"].T) * (
-        (torch.nn.functional.silu(x @ sd["shared.w1"]) * (x @ sd["shared.w3"])) @ sd["shared.w2"])
+        (torch.nn.functional.silu(x @ sd["shared.w13"][:, :12]) * (x @ sd["shared.w13"][:, 12:])) @ sd["shared.w2"])
     torch.testing.assert_close(layer(x)[0], routed_only(x)[0] + shared)
     with pytest.raises(ValueError, match="missing"):
         layer.load_full_state_dict({k: v for k, v in sd.items() if k != "shared.gate"})

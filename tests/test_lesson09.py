@@ -45,14 +45,21 @@ def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node)
     assert sum(r["softmax"]["hier_model"] for r in every) < sum(r["softmax"]["flat_model"] for r in every)
 
 
-def test_a_bad_topology_stops_every_rank_before_any_collective():
+def test_a_bad_topology_stops_every_rank_and_none_waits():
+    """Each bad setup is a ValueError on every rank; a ranks_per_node that differs between ranks too (found by one
+    all_gather every rank joins), where new_group would otherwise wait forever for ranks making other groups."""
     every = run_script(WORKER, nproc=4, backend="gloo", params={"mode": "hierarchical_bad_setup"}, stream=False,
                        timeout=120).value
-    assert "must be a positive divisor of the world size (4)" in every["R=3"]
-    assert "positive divisor" in every["R=0"]
-    assert "ranks_per_node is for dispatcher 'hierarchical'" in every["R for alltoall"]
-    assert "leave group=None" in every["a group"]
-    assert "dropless" in every["capacity"]
+    assert len(every) == 4
+    for rank_result in every:
+        assert "must be a positive divisor of the world size (4)" in rank_result["R=3"]
+        assert "positive divisor" in rank_result["R=0"]
+        assert "ranks_per_node is for dispatcher 'hierarchical'" in rank_result["R for alltoall"]
+        assert "leave group=None" in rank_result["a group"]
+        assert "dropless" in rank_result["capacity"]
+        for name in ("R differs", "LOCAL_WORLD_SIZE differs"):
+            assert "ranks_per_node differs between ranks" in rank_result[name], rank_result[name]
+        assert "[1, 1, 1, 2]" in rank_result["LOCAL_WORLD_SIZE differs"]
 
 
 def test_node_traffic_by_hand():

@@ -207,7 +207,7 @@ def test_fp4_bank_output_error_is_bounded_and_its_gradient_is_straight_through()
     rel = ((y4 - y).norm() / y.norm()).item()
     assert 0.03 < rel < 0.4, rel  # 4-bit weights: visibly off, not wrong
     y4.sum().backward()
-    assert fp4.experts.w1.grad is not None and fp4.experts.w1.grad.abs().sum() > 0
+    assert fp4.experts.w13.grad is not None and fp4.experts.w13.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
@@ -242,9 +242,9 @@ def test_fp8_row_kernel_equals_the_plain_quantizer_on_a_gpu():
     q0, s0 = quantize_fp8(x, 7168)
     assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0.squeeze(1))
     h = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
-    for h1, h3, act in ((h[:, :2048], h[:, 2048:], "swiglu"), (h[:, :2048], None, "gelu")):
-        q, s = rows_to_fp8(h1, h3, act)
-        q0, s0 = quantize_fp8(activate(h1, h3, act).contiguous(), 2048)
+    for h_act, h1, h3, act in ((h, h[:, :2048], h[:, 2048:], "swiglu"), (h[:, :2048], h[:, :2048], None, "gelu")):
+        q, s = rows_to_fp8(h1, h3, act)  # swiglu: x·w1 and x·w3 are the halves of x·w13
+        q0, s0 = quantize_fp8(activate(h_act, act).contiguous(), 2048)
         assert (q.view(torch.uint8) == q0.view(torch.uint8)).float().mean() > 0.999  # exp/erf: last-bit differences
         torch.testing.assert_close(dequantize_fp8(q, s.unsqueeze(1), torch.float32),
                                    dequantize_fp8(q0, s0, torch.float32), rtol=0.07, atol=1e-3)
@@ -260,8 +260,7 @@ def test_fp4_bank_leaves_the_shared_expert_unrounded():
     assert shared and all(torch.equal(v, sd[k]) for k, v in shared.items())
     # the same layer with exact experts that hold the FP4-rounded weights: only the routed experts were rounded
     rounded = dict(sd)
-    for name in ("w1", "w2", "w3"):
-        rounded[f"experts.{name}"] = fp4.experts.weights()[("w1", "w2", "w3").index(name)]
+    rounded["experts.w13"], rounded["experts.w2"] = fp4.experts.weights()
     exact = MoELayer(cfg, experts="grouped")
     exact.load_full_state_dict(rounded)
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))

@@ -69,7 +69,7 @@ def test_the_model_is_the_same_on_every_build_and_its_blocks_differ():
     a, b = MoETransformer(SMALL), MoETransformer(SMALL, "local", "loop")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["blocks.0.moe.experts.w1"], sa["blocks.1.moe.experts.w1"])
+    assert not torch.equal(sa["blocks.0.moe.experts.w2"], sa["blocks.1.moe.experts.w2"])
     assert all(p.dtype == torch.bfloat16 for p in MoETransformer(
         ModelConfig(MoEConfig(num_experts=4, top_k=2, hidden_dim=32, ffn_dim=64, dtype="bfloat16"))).parameters())
 

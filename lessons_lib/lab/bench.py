@@ -26,7 +26,7 @@ At the small shape on a GPU it also times the final layer with lesson 05's stati
 from one CUDA graph per training step (`graph_times.step_times`).
 And, in the same run, the limits: all_to_all_single bus bandwidth at the dispatch's size, a dense FFN of the
 same FLOPs (one big GEMM chain instead of many experts), and the expert GEMMs alone on rows already grouped
-(`limits.grouped_gemms_ms`: the nine grouped GEMM kernels alone, and the bank's math under autograd). Writes a
+(`limits.grouped_gemms_ms`: the six grouped GEMM kernels alone, and the bank's math under autograd). Writes a
 JSON record, a markdown table beside it, and plots.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def bench_one(layer: MoELayer, dispatcher: str, experts: str, tokens: int, steps
         out["weights_gb"] = sum(p.numel() * p.element_size() for p in layer.parameters()) / 1e9
         out["device_time"] = device_time_by_part(fwd_bwd, device)
     if grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
-        # the same nine GEMMs at the group sizes this run's routing gives (rows per expert held here): unequal
+        # the same six GEMMs at the group sizes this run's routing gives (rows per expert held here): unequal
         # groups fill the kernel's row tiles less well than the equal groups of `limits`
         with torch.no_grad():
             _, counts_L, _ = layer.dispatch(x.detach(), layer.route(x.detach()))
@@ -182,13 +182,15 @@ def limits(cfg: MoEConfig, tokens: int, device, steps: int, train_step: bool = F
     least AdamW + the dense FFN (every EP layer holds the same E/N experts, so one AdamW floor serves all).
     On a CPU, also what one collective of the dispatch's size costs after compute (`limits.collective_latency`)."""
     rows = tokens * cfg.top_k
+    held = equal_split(rows, cfg.num_experts // (dist.get_world_size() if dist.is_initialized() else 1))
     a2a = alltoall_bus_bandwidth(rows * cfg.hidden_dim * cfg.torch_dtype.itemsize, device, steps)
     ms = dense_ffn_ms(cfg, rows, device, steps=steps, warmup=3)  # with the input's gradient, as bench_one
     out = {"alltoall": a2a, "dense_ffn_fwd_bwd_ms": ms, "dense_ffn_tflops": 3 * rows * flops_per_row(cfg) / ms / 1e9,
            # the experts' GEMMs alone on grouped rows (None without a fast grouped GEMM): what the layer adds is
-           # its time minus these
-           "grouped_gemms_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3),
-           "expert_bank_alone_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3, with_activation=True)}
+           # its time minus these. A rank holds E/N experts, and balanced, they receive T·k rows in all
+           "grouped_gemms_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3, sizes=held),
+           "expert_bank_alone_ms": grouped_gemms_ms(cfg, rows, device, steps, warmup=3, with_activation=True,
+                                                    sizes=held)}
     if train_step:
         out["adamw_ms"] = adamw_ms(MoELayer(cfg, "alltoall", "grouped").to(device), steps, warmup=3)
         out["step_floor_ms"] = out["adamw_ms"] + ms
@@ -203,7 +205,9 @@ def memory_table(cfg: MoEConfig, tokens: int, N: int) -> dict:
     Nothing grows with experts × ranks × tokens (the published notebook allocates [E/N, T·N, H] twice)."""
     b = cfg.torch_dtype.itemsize
     E_local, H, F, rows = cfg.num_experts // N, cfg.hidden_dim, cfg.ffn_dim, tokens * cfg.top_k
-    mats = 3 if cfg.activation == "swiglu" else 2
+    swiglu = cfg.activation == "swiglu"
+    mats = 3 if swiglu else 2
+    saved, saved_widths = ("x·w13 (2F wide), act", 3) if swiglu else ("x·w1, act", 2)
     if N == 1:  # nothing is sent: the rows are gathered once and come out of the experts once
         rows_what, copies = "dispatched, expert output (one rank sends nothing)", 2
     else:
@@ -212,7 +216,7 @@ def memory_table(cfg: MoEConfig, tokens: int, N: int) -> dict:
         f"expert weights (E/N · {mats} · H · F)": E_local * mats * H * F * b / 1e9,
         "their gradients": E_local * mats * H * F * b / 1e9,
         f"token rows [T·k, H]: {rows_what} ({copies} buffers)": copies * rows * H * b / 1e9,
-        "expert activations saved for backward [T·k, F]: x·w1, x·w3, act": 3 * rows * F * b / 1e9,
+        f"expert activations saved for backward [T·k, F]: {saved}": saved_widths * rows * F * b / 1e9,
         "input, output and its gradient [T, H]": 3 * tokens * H * b / 1e9,
     }
 

@@ -93,13 +93,11 @@ def bench(cfg: MoEConfig, rows: int, skew: float, device: torch.device, repeats:
             entry["path"] = bank.path
         out[name] = entry
     # The dense reference: one expert's FFN over all rows, the same useful FLOPs as one GEMM chain.
-    w1, w2, w3 = (torch.randn(H, F, device=device, dtype=dtype) / H**0.5,
-                  torch.randn(F, H, device=device, dtype=dtype) / F**0.5,
-                  torch.randn(H, F, device=device, dtype=dtype) / H**0.5)
-    swiglu = cfg.activation == "swiglu"
+    w_in = torch.randn(H, 2 * F if cfg.activation == "swiglu" else F, device=device, dtype=dtype) / H**0.5
+    w2 = torch.randn(F, H, device=device, dtype=dtype) / F**0.5
 
     def dense():
-        return activate(x @ w1, x @ w3 if swiglu else None, cfg.activation) @ w2
+        return activate(x @ w_in, cfg.activation) @ w2
 
     # And the plainest reference: ONE GEMM with the same FLOPs, [rows, H] @ [H, F·(2 or 3)].
     wide = torch.randn(H, useful // (2 * rows * H), device=device, dtype=dtype) / H**0.5
@@ -117,7 +115,7 @@ BF16_TOLERANCE = 2e-2  # the most relative error a bf16 bank may have against fp
 
 def bf16_errors(bank: str, device, counts: list[int] = BF16_COUNTS, seed: int = 0) -> dict:
     """How far a bank in bf16 is from fp32 math on the same (bf16-rounded) weights and inputs: the max relative
-    error of its output and of every gradient (input, w1, w2, w3), 8 experts, H 512, F 256, SwiGLU."""
+    error of its output and of every gradient (input, w13, w2), 8 experts, H 512, F 256, SwiGLU."""
     cfg16 = MoEConfig(num_experts=len(counts), hidden_dim=512, ffn_dim=256, activation="swiglu", dtype="bfloat16",
                       seed=seed)
     cfg32 = MoEConfig(num_experts=len(counts), hidden_dim=512, ffn_dim=256, activation="swiglu", seed=seed)

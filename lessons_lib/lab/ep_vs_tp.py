@@ -61,12 +61,13 @@ def measure_ep_vs_tp(cfg: MoEConfig, tokens: int, experts: str = "loop", group=N
         counted = sum(phases[p].sent for p in moving if p in phases)
         model = (ep_bytes_per_rank(T, cfg.hidden_dim, cfg.top_k, N, b) if name == "ep"
                  else tp_bytes_per_rank(T, cfg.hidden_dim, N, b))
-        w1 = layer.experts.w1
+        w2 = layer.experts.w2  # [L, F, H]: F is this rank's part of an expert's inner size
         out[name] = {
             "tokens_per_rank": T, "counted_bytes": counted, "model_bytes": model,
             "other_bytes": sum(p.sent for k, p in phases.items() if k not in ("dispatch", "combine", "all_reduce")),
-            "local_experts": w1.shape[0], "gemm_rows_per_expert": counts_L.tolist(),
-            "gemm_weight_shape": list(w1.shape[1:]),  # [H, F] under EP, [H, F/N] under TP
+            "local_experts": w2.shape[0], "gemm_rows_per_expert": counts_L.tolist(),
+            # one matrix of the first GEMM (w1, or each half of w13): [H, F] under EP, [H, F/N] under TP
+            "gemm_weight_shape": [w2.shape[2], w2.shape[1]],
             "step_ms": median(train_step_times(layer, T, steps=steps, warmup=warmup, group=group, x=x)),
         }
         if rank == 0:  # the launcher streams this into the notebook while the cell runs

@@ -138,7 +138,7 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
                                group=None, seed: int = 0, device=None, overlap: bool = True,
                                ranks_per_node: int | None = None, placement=None) -> dict[str, float]:
     """Worst relative error, over the ranks of `group`, of the EP layer against the single-device
-    layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w1": …, …}.
+    layer: {"output": …, "grad_input": …, "grad_router.weight": …, "grad_experts.w2": …, …}.
 
     Every rank of `group` must call it with the same arguments (it runs collectives). Under
     tensor parallelism ("tp") every rank runs the whole global batch instead of a slice.
@@ -233,7 +233,7 @@ def compare_ep_dp_step(cfg: MoEConfig, ep_size: int, tokens_per_rank: int = 8, l
         ref = getattr(reference.experts, name).detach()[e.start:e.stop]
         errors[f"experts.{name}"] = relative_error(p.detach(), ref)
     # the step must have changed the weights, or equality would prove nothing
-    moved = (reference.experts.w1.detach() - sd["experts.w1"]).abs().max().item()
+    moved = (reference.experts.w2.detach() - sd["experts.w2"]).abs().max().item()
     worst = torch.tensor(list(errors.values()) + [-moved], dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     out = dict(zip(errors, worst[:-1].tolist()))

@@ -72,7 +72,7 @@ def bank_forwards(shape=SHAPE) -> dict:
     cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=H, ffn_dim=F, activation="swiglu", dtype="bfloat16")
     bf16 = bank_on_device(cfg, device).to(device)
     fp8 = bank_on_device(cfg, device, Fp8Experts).to(device)
-    for name in ("w1", "w2", "w3"):
+    for name in ("w13", "w2"):
         getattr(fp8, name).data.copy_(getattr(bf16, name).data)
     x = _rows(device, E * m, H)
     sizes = [m] * E
@@ -131,9 +131,10 @@ def row_kernel_checks(rows: int = SHAPE["num_experts"] * SHAPE["rows_per_expert"
     out = {"quantize": {"equal_bytes": _same_bytes(q, q0), "equal_scales": bool(torch.equal(s, s0.squeeze(1)))}}
     h = _rows(device, rows, 2 * ffn) * 3
     for act in ("swiglu", "gelu"):
-        h1, h3 = (h[:, :ffn], h[:, ffn:]) if act == "swiglu" else (h[:, :ffn], None)
+        h_act = h if act == "swiglu" else h[:, :ffn]  # swiglu: x·w1 and x·w3 side by side
+        h1, h3 = (h[:, :ffn], h[:, ffn:]) if act == "swiglu" else (h_act, None)
         q, s = rows_to_fp8(h1, h3, act)
-        q0, s0 = quantize_fp8(activate(h1, h3, act).contiguous(), ffn)
+        q0, s0 = quantize_fp8(activate(h_act, act).contiguous(), ffn)
         out[act] = {"equal_bytes": _same_bytes(q, q0),
                     "equal_scales_fraction": (s == s0.squeeze(1)).float().mean().item()}
     print("row kernel against the plain ops", out, flush=True)
@@ -176,9 +177,9 @@ def backward_check(shape=SHAPE, rows_per_expert: int = 256) -> dict:
     grads = []
     for emulate in (False, True):
         bank.emulate = emulate
-        grads.append(torch.autograd.grad(bank(x, counts, sizes), [x, bank.w1, bank.w2, bank.w3], g))
+        grads.append(torch.autograd.grad(bank(x, counts, sizes), [x, bank.w13, bank.w2], g))
     bank.emulate = False
-    out = {name: _rel(a, b) for name, a, b in zip(("input", "w1", "w2", "w3"), *grads)}
+    out = {name: _rel(a, b) for name, a, b in zip(("input", "w13", "w2"), *grads)}
     print("backward, kernel vs emulation", out, flush=True)
     return out
 

@@ -23,7 +23,7 @@ import torch
 from ..moe.config import MoEConfig
 from ..moe.experts_batched import GroupedExperts, flops_per_row
 from ..moe.hash_router import HashRouter
-from ..moe.init import init_full_state_dict
+from ..moe.init import expert_weight_shapes, init_full_state_dict
 from ..moe.layer import MoELayer
 from .records import record_arguments, record_header, redraw_record, write_record
 
@@ -97,9 +97,8 @@ def bank_on_device(cfg: MoEConfig, device, bank_class=GroupedExperts) -> Grouped
     weights would take minutes, and the rate does not depend on the values."""
     bank = bank_class(cfg, range(0))  # no experts drawn, then E of them put in place
     bank.experts = range(cfg.num_experts)
-    E, H, F = cfg.num_experts, cfg.hidden_dim, cfg.ffn_dim
-    for name, shape in (("w1", (E, H, F)), ("w2", (E, F, H)), ("w3", (E, H, F))):
-        w = torch.randn(*shape, device=device, dtype=cfg.torch_dtype) / shape[1] ** 0.5
+    for name, shape in expert_weight_shapes(cfg).items():
+        w = torch.randn(cfg.num_experts, *shape, device=device, dtype=cfg.torch_dtype) / shape[0] ** 0.5
         setattr(bank, name, torch.nn.Parameter(w))
     return bank
 

@@ -1,7 +1,7 @@
 """What the sizes of the experts' groups cost the grouped GEMMs, the rows being the same (lesson 04).
 
 `torch._grouped_mm` works on tiles of rows: a group of 513 rows takes as many row tiles as one of 640, so the same
-rows run slower in unequal groups than in equal ones that fill every tile. `group_size_times` times the nine GEMMs
+rows run slower in unequal groups than in equal ones that fill every tile. `group_size_times` times the six GEMMs
 of forward + backward (`limits.grouped_gemms_ms`) at the DeepSeek-V3-like shape on the same number of rows split
 several ways: equal groups, the group sizes the layer's router gives the benchmark's tokens, those sizes rounded
 up to whole tiles of 128 rows (more rows, all tiles full), and equal groups one row larger and 64 rows smaller than
@@ -73,7 +73,7 @@ def plot_record(record: dict):
             s = ways[w]["sizes"]
             ax.annotate(f"{ways[w]['rows']} rows\n{min(s)}-{max(s)} per group", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize=7)
-        ax.set(ylabel="ms, the nine grouped GEMMs (fwd + bwd)", title=f"{tokens} tokens x top-{record['top_k']}")
+        ax.set(ylabel="ms, the grouped GEMMs (fwd + bwd)", title=f"{tokens} tokens x top-{record['top_k']}")
         ax.set_ylim(0, 1.25 * max(ms))
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"{record['device']}, torch {record['torch']}, {record['date']}: same GEMMs, groups of other sizes",

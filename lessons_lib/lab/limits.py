@@ -52,15 +52,15 @@ def dense_ffn_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, group
     (3 x the forward FLOPs); without it the first GEMMs' input gradients are skipped (SwiGLU: 7 of 9
     GEMMs, GELU: 5 of 6). It must match the layer it is compared with."""
     H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
-    x = torch.randn(rows, H, device=device, dtype=dtype, requires_grad=input_grad)
-    w1 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
-    w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
-    w3 = torch.randn(H, F, device=device, dtype=dtype, requires_grad=True)
     swiglu = cfg.activation == "swiglu"
+    x = torch.randn(rows, H, device=device, dtype=dtype, requires_grad=input_grad)
+    w_in = torch.randn(H, 2 * F if swiglu else F, device=device, dtype=dtype, requires_grad=True)  # w13 or w1
+    w2 = torch.randn(F, H, device=device, dtype=dtype, requires_grad=True)
 
     def dense():
-        x.grad = w1.grad = w2.grad = w3.grad = None  # fresh gradients, as a training step has
-        h = torch.nn.functional.silu(x @ w1) * (x @ w3) if swiglu else torch.nn.functional.gelu(x @ w1)
+        x.grad = w_in.grad = w2.grad = None  # fresh gradients, as a training step has
+        h = x @ w_in
+        h = torch.nn.functional.silu(h[:, :F]) * h[:, F:] if swiglu else torch.nn.functional.gelu(h)
         (h @ w2).sum().backward()
 
     return median(timed_runs(dense, steps, warmup, device, group))
@@ -78,9 +78,9 @@ def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, g
     experts is its time minus this (lesson 04). None where `torch._grouped_mm` has no fast kernel (it needs bf16
     on a Hopper-class GPU).
 
-    with_activation False: the GEMM kernels alone, 3 forward + 6 backward `torch._grouped_mm` calls (2 + 4 for
-    gelu) on fixed inputs; True: the bank's math under autograd as plain ops (the GEMMs, the activation between
-    them and autograd's sum of the input's two gradients for swiglu).
+    with_activation False: the GEMM kernels alone, 2 forward + 4 backward `torch._grouped_mm` calls on fixed inputs
+    (the bank's two matrices: w13 [E, H, 2F] for swiglu, or w1, and w2); True: the bank's math under autograd as
+    plain ops (the GEMMs and the activation between them).
     sizes: the rows of each group instead (one per expert held, summing to `rows`), say the counts a router gave:
     the kernel works in tiles of rows, so unequal groups leave more of them part-empty than equal ones."""
     from ..moe.experts_batched import grouped_mm_support
@@ -90,41 +90,39 @@ def grouped_gemms_ms(cfg, rows: int, device, steps: int = 30, warmup: int = 5, g
     if not grouped_mm_support(device, cfg.torch_dtype, cfg)[0]:
         return None
     H, F, dtype = cfg.hidden_dim, cfg.ffn_dim, cfg.torch_dtype
+    swiglu = cfg.activation == "swiglu"
+    F_in = 2 * F if swiglu else F  # the first matrix's width: w13 holds the gate and the up projection
     sizes = equal_split(rows, cfg.num_experts) if sizes is None else sizes
     E = len(sizes)
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
     x = torch.randn(rows, H, device=device, dtype=dtype)
-    w1, w3 = (torch.randn(E, H, F, device=device, dtype=dtype) / H ** 0.5 for _ in range(2))
+    w_in = torch.randn(E, H, F_in, device=device, dtype=dtype) / H ** 0.5
     w2 = torch.randn(E, F, H, device=device, dtype=dtype) / F ** 0.5
     grad_y = torch.randn(rows, H, device=device, dtype=dtype)
-    swiglu = cfg.activation == "swiglu"
 
     def mm(a, b):
         return torch._grouped_mm(a, b, offs=offs)
 
     if with_activation:
-        leaves = [t.requires_grad_() for t in (x, w1, w2, w3)]
+        leaves = [t.requires_grad_() for t in (x, w_in, w2)]
 
         def bank():
             for t in leaves:
                 t.grad = None
-            h1 = mm(x, w1)
-            h = torch.nn.functional.silu(h1) * mm(x, w3) if swiglu else torch.nn.functional.gelu(h1)
+            h = mm(x, w_in)
+            h = torch.nn.functional.silu(h[:, :F]) * h[:, F:] if swiglu else torch.nn.functional.gelu(h)
             mm(h, w2).backward(grad_y)
 
         return median(timed_runs(bank, steps, warmup, device, group))
-    h, grad_h = torch.randn(rows, F, device=device, dtype=dtype), torch.randn(rows, F, device=device, dtype=dtype)
+    h, grad_h = torch.randn(rows, F, device=device, dtype=dtype), torch.randn(rows, F_in, device=device, dtype=dtype)
 
     def gemms():
-        mm(x, w1)
-        if swiglu:
-            mm(x, w3)
+        mm(x, w_in)
         mm(h, w2)
         mm(grad_y, w2.transpose(1, 2))  # grad h
         mm(h.t(), grad_y)  # grad w2
-        for w in (w1, w3) if swiglu else (w1,):
-            mm(grad_h, w.transpose(1, 2))  # grad x (one part)
-            mm(x.t(), grad_h)  # grad w
+        mm(grad_h, w_in.transpose(1, 2))  # grad x
+        mm(x.t(), grad_h)  # grad w13 (w1)
 
     return median(timed_runs(gemms, steps, warmup, device, group))
 

@@ -32,8 +32,8 @@ def why_no_peer(cfg: MoEConfig) -> str | None:
 @torch.no_grad()
 def qwen3_moe_block(cfg: MoEConfig, sd: dict[str, torch.Tensor], device, implementation: str = "grouped_mm"):
     """transformers' Qwen3-MoE block holding the weights `sd` (`moe.init.init_full_state_dict` names), in the layer's
-    dtype on `device`. Ours: w1, w3 [E, H, F], w2 [E, F, H] (x @ w); theirs: gate_up_proj [E, 2F, H] and
-    down_proj [E, H, F] (x @ wᵀ)."""
+    dtype on `device`. Ours: w13 [E, H, 2F] (the gate's F columns, then the up projection's), w2 [E, F, H] (x @ w);
+    theirs: gate_up_proj [E, 2F, H] in the same order and down_proj [E, H, F] (x @ wᵀ)."""
     import transformers
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -42,7 +42,7 @@ def qwen3_moe_block(cfg: MoEConfig, sd: dict[str, torch.Tensor], device, impleme
                                      experts_implementation=implementation)
     block = Qwen3MoeSparseMoeBlock(hf).to(device, cfg.torch_dtype)
     block.gate.weight.copy_(sd["router.weight"])
-    block.experts.gate_up_proj.copy_(torch.cat([sd["experts.w1"], sd["experts.w3"]], dim=2).transpose(1, 2))
+    block.experts.gate_up_proj.copy_(sd["experts.w13"].transpose(1, 2))
     block.experts.down_proj.copy_(sd["experts.w2"].transpose(1, 2))
     return block
 

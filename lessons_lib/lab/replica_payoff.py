@@ -99,7 +99,7 @@ def grad_sum_times(cfg: MoEConfig, placement: torch.Tensor, steps: int = 10, war
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
     replicas = Replicas(placement, cfg.num_experts, rank, N)
-    shape = expert_weight_shapes(cfg)["w1"]
+    shape = expert_weight_shapes(cfg)["w2"]  # one matrix of an expert
     grad = torch.randn(len(replicas.mine), *shape, device=device, dtype=cfg.torch_dtype,
                        generator=torch.Generator(device).manual_seed(rank))
     mine = replicas.mine.to(device)

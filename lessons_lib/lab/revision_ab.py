@@ -12,6 +12,8 @@ or within what a change of summation order moves them.
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.lab.revision_ab --before 1bb554b \\
         --out images/revision_ab_small_cpu.json
+
+`--activation swiglu` runs the shape's config with SwiGLU instead (the small shape is GELU's).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..moe.config import ACTIVATIONS
 from ..moe.layer import MoELayer
 from .records import record_header, redraw_record, write_record
 from .shapes import SHAPES
@@ -126,8 +129,9 @@ def plot_record(record: dict):
     ax.set_yticks(range(len(runs)), list(runs))
     ax.invert_yaxis()
     ax.set_xlabel("fwd + bwd time, after / before\n(dot: median of the rounds; bar: their middle half)")
-    ax.set_title(f"{record['after'][:7]} against {record['before'][:7]}, {record['device']} × {record['world_size']}, "
-                 f"{len(next(iter(runs.values()))['ratio'])} rounds", fontsize=10)
+    shape = record["shape"] + (f", {record['activation']}" if "activation" in record else "")
+    ax.set_title(f"{record['after'][:7]} against {record['before'][:7]}, {shape} shape, {record['device']} × "
+                 f"{record['world_size']}, {len(next(iter(runs.values()))['ratio'])} rounds", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -138,6 +142,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", help="the earlier git revision (a sha, a tag, HEAD~3); needed unless --plot")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    p.add_argument("--activation", choices=ACTIVATIONS, help="the shape's config with this activation instead")
     p.add_argument("--dispatchers", nargs="+", default=["allgather", "alltoall"])
     p.add_argument("--experts", nargs="+", default=["loop", "bmm", "grouped"])
     p.add_argument("--rounds", type=int, default=30)
@@ -154,8 +159,11 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         keep_freed_memory()  # as the benchmark does
     cfg, sizes = SHAPES[a.shape]
+    if a.activation is not None:
+        cfg = dataclasses.replace(cfg, activation=a.activation)
     record = record_header("lessons_lib.lab.revision_ab", device, argv)
-    record |= {"shape": a.shape, "tokens_per_rank": sizes[0], "before": sha, "after": git("rev-parse", "HEAD").strip(),
+    record |= {"shape": a.shape, "activation": cfg.activation, "tokens_per_rank": sizes[0], "before": sha,
+               "after": git("rev-parse", "HEAD").strip(),
                "after_uncommitted_changes": bool(git("status", "--porcelain", "--", "lessons_lib/moe").strip())}
     combos = [(d, e) for d in a.dispatchers for e in a.experts]
     record["runs"] = revision_times(package, cfg, combos, sizes[0], device, a.rounds, a.steps)

@@ -40,7 +40,8 @@ class MoEConfig:
     top_k: k, how many experts each token is sent to (1..E).
     hidden_dim: H, the model width (input and output of the layer).
     ffn_dim: F, the inner width of one expert.
-    activation: "gelu" (y = gelu(x·w1)·w2) or "swiglu" (y = (silu(x·w1) ⊙ x·w3)·w2).
+    activation: "gelu" (y = gelu(x·w1)·w2) or "swiglu" (y = (silu(x·w1) ⊙ x·w3)·w2, w1 and w3 stored side by side
+        as w13).
     router: which router scores the tokens: "softmax_topk" (Mixtral/Qwen-MoE, lesson 01) or
         "sigmoid_bias" (DeepSeek-V3: sigmoid scores, a balancing bias used only to choose, lesson 06) or
         "hash" (hash layers, DeepSeek-V4's first layers: k experts from a fixed hash of the token id, weight 1/k

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .dispatch_alltoall import AllToAll, all_to_all_beside, capturing, read_later
 from .dispatch_local import Permute, inverse_permutation
 from .dispatcher import DispatchState, ExpertParallelDispatcher
-from .process_groups import build_node_groups, check_ranks_per_node, default_ranks_per_node
+from .process_groups import build_node_groups, default_ranks_per_node
 from .router import Routing, count_per_expert
 from .traffic import Traffic
 from .wire import dispatch_row_bytes, wire_for
@@ -81,7 +81,8 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
                              "capacity works with 'alltoall')")
         super().__init__(cfg, None)  # ValueError if the experts do not split evenly over the ranks
         R = default_ranks_per_node() if ranks_per_node is None else ranks_per_node
-        check_ranks_per_node(R, self.world_size)  # before any collective: new_group is one
+        # ValueError on every rank if R does not divide the world or differs between ranks (checked by one small
+        # all_gather that every rank joins, before new_group, which would wait for ranks making other groups)
         self.topology = build_node_groups(R)
         self.experts_per_node = cfg.num_experts // self.topology.nodes
         self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8 on both hops

@@ -14,23 +14,26 @@ from torch import nn
 
 from .config import MoEConfig
 from .fused import SwiGLU
-from .init import init_expert_weights
+from .init import first_weight_name, init_expert_weights
 
 
-def activate(h1: torch.Tensor, h3: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """The nonlinearity between the two matmuls: gelu(h1), or silu(h1) ⊙ h3 for swiglu (one pass each way on a
-    GPU: `fused.SwiGLU`, lesson 04)."""
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The nonlinearity between the two matmuls, h [..., F] -> [..., F]: gelu(h); for swiglu h = x·w13 is
+    [..., 2F], x·w1 and x·w3 side by side, and the result silu(x·w1) ⊙ x·w3 (one pass each way on a GPU:
+    `fused.SwiGLU`, lesson 04)."""
     if activation == "swiglu":
-        return SwiGLU.apply(h1, h3)
-    return F.gelu(h1)
+        return SwiGLU.apply(h)
+    return F.gelu(h)
 
 
 class ExpertBank(nn.Module):
-    """The weights of the experts this rank owns, stacked: w1 [e, H, F], w2 [e, F, H],
-    and w3 [e, H, F] for swiglu. No biases. `experts` is the range of global expert
-    ids held here (all of them on a single device). `ffn_slice` keeps only part of each
-    expert's inner dimension F: the columns of w1/w3 and rows of w2 of a tensor-parallel
-    rank (lesson 07); None keeps all of F.
+    """The weights of the experts this rank owns, stacked: w1 [e, H, F] and w2 [e, F, H]. For swiglu the
+    first matrix is w13 [e, H, 2F]: Mixtral's w1 (the gate) and w3 (the up projection) side by side, so one
+    GEMM computes both and backward gets the input's gradient from one GEMM instead of two and a sum (as
+    transformers' gate_up_proj, Megatron-core's fc1 and SGLang's w13 store them). No biases. `experts` is the
+    range of global expert ids held here (all of them on a single device). `ffn_slice` keeps only part of
+    each expert's inner dimension F: the columns of w1 (of both halves of w13) and rows of w2 of a
+    tensor-parallel rank (lesson 07); None keeps all of F.
 
     forward(x_MH, counts_L, sizes=None): x_MH holds the rows sent to these experts, grouped by
     expert in order (counts_L[i] rows for local expert i); returns [M, H] in the same order.
@@ -53,7 +56,16 @@ class ExpertBank(nn.Module):
     def shard(self, name: str, weights: torch.Tensor) -> torch.Tensor:
         """This bank's part of `weights`, the full stacked weight `name` of its experts."""
         s = self.ffn_slice
-        return (weights[:, s, :] if name == "w2" else weights[:, :, s]).contiguous()
+        if name == "w2":
+            return weights[:, s, :].contiguous()
+        if name == "w13":  # the same columns of the gate half and of the up half
+            gate, up = weights.chunk(2, dim=-1)
+            return torch.cat([gate[:, :, s], up[:, :, s]], dim=-1)
+        return weights[:, :, s].contiguous()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 or w1, w2) as the GEMMs use them: the parameters here; lesson 11's FP4 bank dequantizes."""
+        return getattr(self, first_weight_name(self.cfg)), self.w2
 
     def extra_repr(self) -> str:
         e, c, s = self.experts, self.cfg, self.ffn_slice
@@ -74,11 +86,9 @@ class LoopExperts(ExpertBank):
     def forward(self, x_MH: torch.Tensor, counts_L: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         # unbind, not w1[e]: the backward of indexing would build a zero [L, H, F] gradient
         # per expert; unbind's backward stacks the L per-expert gradients once.
-        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
-        w3 = self.w3.unbind(0) if self.cfg.activation == "swiglu" else None
+        w_in, w2 = (w.unbind(0) for w in self.weights())
         outs = []
         # tolist() is the one host sync: Python needs the sizes to slice (unless the dispatcher gave them).
         for e, x_e in enumerate(x_MH.split(counts_L.tolist() if sizes is None else sizes)):
-            h3 = x_e @ w3[e] if w3 is not None else None
-            outs.append(activate(x_e @ w1[e], h3, self.cfg.activation) @ w2[e])
+            outs.append(activate(x_e @ w_in[e], self.cfg.activation) @ w2[e])
         return torch.cat(outs) if outs else x_MH.new_zeros(0, self.cfg.hidden_dim)

@@ -1,6 +1,6 @@
 """Batched expert banks: padded bmm and grouped GEMM (lesson 04).
 
-Lesson 01's `LoopExperts` launches 2 or 3 small GEMMs per expert. With many experts and few
+Lesson 01's `LoopExperts` launches 2 small GEMMs per expert. With many experts and few
 rows each, every GEMM is small: the GPU runs it far below its peak (one launch each, too little
 work to fill the machine) and the CPU spends its time re-reading weights. Two ways to batch:
 
@@ -13,7 +13,8 @@ work to fill the machine) and the CPU spends its time re-reading weights. Two wa
   (`LoopedGroupedMM`: one mm per group, each written in place), or one bmm when every group has
   the same size (lesson 05's static shapes), and says which in `.path`.
 
-All three banks read the same stacked weights w1 [L, H, F], w2 [L, F, H] (and w3 [L, H, F]).
+All three banks read the same stacked weights w1 [L, H, F] (w13 [L, H, 2F] for swiglu) and w2 [L, F, H]: two
+GEMMs per expert, whichever the activation.
 Shapes as in `dispatcher`: L experts held here, M rows grouped by local expert, H hidden, F inner size.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .experts import ExpertBank, activate
 
 
 def flops_per_row(cfg: MoEConfig, ffn_dim: int | None = None) -> int:
-    """Forward FLOPs of one row through one expert: 2·H·F per matrix, 2 matrices (3 for swiglu).
+    """Forward FLOPs of one row through one expert: 2·H·F per matrix, 2 matrices (3 for swiglu: w13 is two).
     `ffn_dim`: the part of F a tensor-parallel rank holds (default: all of it)."""
     F = cfg.ffn_dim if ffn_dim is None else ffn_dim
     return 2 * cfg.hidden_dim * F * (3 if cfg.activation == "swiglu" else 2)
@@ -60,9 +61,9 @@ class BmmExperts(ExpertBank):
         L, M = self.num_local_experts, x_MH.shape[0]
         padded, expert_M, slot_M = pad_by_expert(x_MH, counts_L, sizes)
         m_max = padded.shape[1]
-        h3 = torch.bmm(padded, self.w3) if self.cfg.activation == "swiglu" else None
-        y = torch.bmm(activate(torch.bmm(padded, self.w1), h3, self.cfg.activation), self.w2)
-        per_row = flops_per_row(self.cfg, self.w1.shape[-1])
+        w_in, w2 = self.weights()
+        y = torch.bmm(activate(torch.bmm(padded, w_in), self.cfg.activation), w2)
+        per_row = flops_per_row(self.cfg, w2.shape[1])
         self.useful_flops = M * per_row
         self.padding_flops = (L * m_max - M) * per_row
         return y[expert_M, slot_M]  # drop the padding rows
@@ -184,18 +185,12 @@ class GroupedExperts(ExpertBank):
             def mm(a, w):
                 return LoopedGroupedMM.apply(a, w, sizes)
 
-        w1, w2, w3 = self.weights()
-        h3 = mm(x_MH, w3) if w3 is not None else None
-        return mm(activate(mm(x_MH, w1), h3, self.cfg.activation), w2)
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(w1, w2, w3 or None) as the GEMMs use them: the parameters here; lesson 11's FP4 bank dequantizes."""
-        return self.w1, self.w2, self.w3 if self.cfg.activation == "swiglu" else None
+        w_in, w2 = self.weights()
+        return mm(activate(mm(x_MH, w_in), self.cfg.activation), w2)
 
     def _equal_groups(self, x_MH: torch.Tensor, m: int) -> torch.Tensor:
         """A grouped GEMM whose groups all have m rows is a batched GEMM: [L, m, H] is a view of x_MH, no padding."""
         x_LmH = x_MH.reshape(self.num_local_experts, m, x_MH.shape[1])
-        w1, w2, w3 = self.weights()
-        h3 = torch.bmm(x_LmH, w3) if w3 is not None else None
-        y = torch.bmm(activate(torch.bmm(x_LmH, w1), h3, self.cfg.activation), w2)
+        w_in, w2 = self.weights()
+        y = torch.bmm(activate(torch.bmm(x_LmH, w_in), self.cfg.activation), w2)
         return y.reshape(x_MH.shape)

@@ -17,6 +17,7 @@ import torch
 
 from .experts_batched import GroupedExperts
 from .fp4 import BLOCK, FakeQuantFP4, dequantize_fp4, quantize_fp4
+from .init import first_weight_name
 
 
 class Fp4Experts(GroupedExperts):
@@ -35,13 +36,11 @@ class Fp4Experts(GroupedExperts):
         self.frozen = False
 
     def weights(self):
-        names = ("w1", "w2", "w3") if self.cfg.activation == "swiglu" else ("w1", "w2")
+        names = (first_weight_name(self.cfg), "w2")
         if self.frozen:
-            ws = [dequantize_fp4(getattr(self, f"{n}_codes"), getattr(self, f"{n}_exponents"), self.cfg.torch_dtype)
-                  for n in names]
-        else:
-            ws = [FakeQuantFP4.apply(getattr(self, n)) for n in names]
-        return ws[0], ws[1], ws[2] if len(ws) == 3 else None
+            return tuple(dequantize_fp4(getattr(self, f"{n}_codes"), getattr(self, f"{n}_exponents"),
+                                        self.cfg.torch_dtype) for n in names)
+        return tuple(FakeQuantFP4.apply(getattr(self, n)) for n in names)
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -22,6 +22,7 @@ from . import fp8_rows_kernel
 from .experts import activate
 from .experts_batched import GroupedExperts
 from .fp8 import dequantize_fp8, fused_quantize_fp8, quantize_fp8
+from .init import first_weight_name
 
 _PROBED: dict = {}
 
@@ -70,12 +71,13 @@ def quantize_columns(w_LKN: torch.Tensor):
     return q.view(L, N, K), scale.view(L, N)
 
 
-def activate_and_quantize(h1, h3, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, row scales [M]) of activate(h1, h3): on a GPU (bf16) one pass of `fp8_rows_kernel`, which writes the
+def activate_and_quantize(h, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, row scales [M]) of activate(h): on a GPU (bf16) one pass of `fp8_rows_kernel`, which writes the
     FP8 rows without writing the activation first; the plain ops elsewhere."""
-    if fp8_rows_kernel.usable(h1):
-        return fp8_rows_kernel.rows_to_fp8(h1, h3, activation)
-    return quantize_rows(activate(h1, h3, activation).contiguous())
+    if fp8_rows_kernel.usable(h):
+        halves = h.chunk(2, dim=-1) if activation == "swiglu" else (h, None)  # x·w1 and x·w3, side by side
+        return fp8_rows_kernel.rows_to_fp8(*halves, activation)
+    return quantize_rows(activate(h, activation).contiguous())
 
 
 def _grouped_mm_plain(a, b, sizes, offs, kernel: bool):
@@ -111,25 +113,22 @@ def fp8_grouped_mm(q_x, s_x, q_w, sizes, offs, kernel: bool, fast_accum: bool, o
 
 
 class Fp8GroupedMM(torch.autograd.Function):
-    """[M, K] rows grouped by expert times each of `weights` ([L, K, N_i]): one FP8 grouped GEMM over the weights
-    side by side (w1 and w3 share their input, so they share its quantization and the launch), -> [M, Σ N_i] in
-    the rows' dtype. Backward: straight-through, in the rows' dtype."""
+    """[M, K] rows grouped by expert times `weight` [L, K, N]: one FP8 grouped GEMM -> [M, N] in the rows' dtype
+    (for w13 the gate and the up projection share their input, so they share its quantization and the launch).
+    Backward: straight-through, in the rows' dtype."""
 
     @staticmethod
-    def forward(ctx, x_MK, sizes, offs, kernel: bool, fast_accum: bool, q_w, *weights):
-        ctx.save_for_backward(x_MK, offs, *weights)
+    def forward(ctx, x_MK, sizes, offs, kernel: bool, fast_accum: bool, q_w, weight):
+        ctx.save_for_backward(x_MK, offs, weight)
         ctx.sizes, ctx.kernel = sizes, kernel
         return fp8_grouped_mm(*quantize_rows(x_MK), q_w, sizes, offs, kernel, fast_accum, x_MK.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, offs, *weights = ctx.saved_tensors
-        sizes, kernel = ctx.sizes, ctx.kernel
-        grads = grad.split([w.shape[2] for w in weights], dim=1)
-        grad_x = sum(_grouped_mm_plain(g.contiguous(), w.transpose(1, 2), sizes, offs, kernel)
-                     for g, w in zip(grads, weights))
-        grad_ws = [_weight_grad(x, g.contiguous(), sizes, offs, kernel) for g in grads]
-        return (grad_x, None, None, None, None, None, *grad_ws)
+        x, offs, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _grouped_mm_plain(grad, weight.transpose(1, 2), ctx.sizes, offs, ctx.kernel)
+        return grad_x, None, None, None, None, None, _weight_grad(x, grad, ctx.sizes, offs, ctx.kernel)
 
 
 class Fp8Experts(GroupedExperts):
@@ -146,21 +145,19 @@ class Fp8Experts(GroupedExperts):
         super().__init__(cfg, experts, ffn_slice)
         self._quantized: dict = {}  # weight names -> (versions, quantized weights)
 
-    def quantized_weights(self, *names: str):
-        """The FP8 weights of `names` side by side, [L, ΣN, K] and their scales [L, ΣN]; quantized again only
-        when a weight has changed (an optimizer step), so serving quantizes once."""
-        weights = [getattr(self, n) for n in names]
-        stamp = tuple((w._version, w.data_ptr()) for w in weights)
-        cached = self._quantized.get(names)
+    def quantized_weights(self, name: str):
+        """The FP8 weight `name`, [L, N, K], and its scales [L, N]; quantized again only when the weight has
+        changed (an optimizer step), so serving quantizes once."""
+        weight = getattr(self, name)
+        stamp = (weight._version, weight.data_ptr())
+        cached = self._quantized.get(name)
         if cached is None or cached[0] != stamp:
             with torch.no_grad():
-                parts = [quantize_columns(w) for w in weights]
-                q = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
-            self._quantized[names] = cached = (stamp, q)
+                self._quantized[name] = cached = (stamp, quantize_columns(weight))
         return cached[1]
 
     def forward(self, x_MH: torch.Tensor, counts_L: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
-        F = self.w1.shape[-1]
+        F = self.w2.shape[1]
         kernel, why = scaled_grouped_mm_support(x_MH.device, x_MH.dtype, (self.cfg.hidden_dim, F))
         if kernel and self.emulate:
             kernel, why = False, "emulated (quantize, dequantize, fp32 GEMM): Fp8Experts.emulate is set"
@@ -168,15 +165,13 @@ class Fp8Experts(GroupedExperts):
         offs = torch.cumsum(counts_L, 0).to(torch.int32) if kernel else None
         if not kernel and sizes is None:
             sizes = counts_L.tolist()  # the emulation slices on the host
-        first = ("w1", "w3") if self.cfg.activation == "swiglu" else ("w1",)
-        q_first, q_w2 = self.quantized_weights(*first), self.quantized_weights("w2")
+        first = first_weight_name(self.cfg)
+        q_first, q_w2 = self.quantized_weights(first), self.quantized_weights("w2")
         fast = kernel and self.fast_accum
         if not torch.is_grad_enabled():  # serving: no graph to keep, so the activation can write FP8 directly
             h = fp8_grouped_mm(*quantize_rows(x_MH), q_first, sizes, offs, kernel, fast, x_MH.dtype)
-            h1, h3 = (h[:, :F], h[:, F:]) if len(first) == 2 else (h, None)
-            q_h, s_h = activate_and_quantize(h1, h3, self.cfg.activation)
+            q_h, s_h = activate_and_quantize(h, self.cfg.activation)
             return fp8_grouped_mm(q_h, s_h, q_w2, sizes, offs, kernel, fast, x_MH.dtype)
-        h = Fp8GroupedMM.apply(x_MH, sizes, offs, kernel, fast, q_first, *[getattr(self, n) for n in first])
-        h1, h3 = (h[:, :F], h[:, F:]) if len(first) == 2 else (h, None)
-        hidden = activate(h1, h3, self.cfg.activation)
+        h = Fp8GroupedMM.apply(x_MH, sizes, offs, kernel, fast, q_first, getattr(self, first))
+        hidden = activate(h, self.cfg.activation)
         return Fp8GroupedMM.apply(hidden, sizes, offs, kernel, fast, q_w2, self.w2)

@@ -10,7 +10,9 @@ atomic adds. Here each step is one function, with its backward written out:
   each token's gradient is the sum of its k rows' gradients, a gather and a sum in one pass.
 - `CombineRows`: y[t] = Σ_s weight[t, s] · rows[the row of pair (t, s)] in one pass (fp32 sums); backward: one
   pass gives the rows' gradient and the weights'.
-- `SwiGLU`: silu(a) · b, one pass forward and one back (autograd keeps silu(a) as well and runs three kernels).
+- `SwiGLU`: silu(a) · b for h = [a | b] (x·w13, the gate's and the up projection's columns side by side), one pass
+  forward and one back, which writes the gradient of h as one [rows, 2F] tensor, the one the backward GEMM of w13
+  reads (autograd keeps silu(a) as well and runs three kernels).
 
 On a GPU with Triton the gathers and sums run as the hand-written kernels of `gather_sum_kernel` (torch.compile's
 reduction over the k rows was several times off the bandwidth limit), and SwiGLU is compiled by torch.compile
@@ -97,17 +99,20 @@ def weighted_sum_rows_backward(grad_TH, rows_RH, row_of_pair_Tk, weights_Tk, tok
 
 
 @fuse
-def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def swiglu_forward(h: torch.Tensor) -> torch.Tensor:
+    a, b = h.chunk(2, dim=-1)
     return F.silu(a) * b
 
 
 @fuse
-def swiglu_backward(grad, a, b):
-    """(grad a, grad b) of silu(a) · b, in at least fp32: d silu(a)/da = σ(a) · (1 + a · (1 - σ(a)))."""
+def swiglu_backward(grad, h):
+    """grad of h = [a | b] for silu(a) · b, computed in at least fp32: d silu(a)/da = σ(a) · (1 + a · (1 - σ(a))).
+    One [rows, 2F] tensor (under torch.compile one kernel writes both halves)."""
+    a, b = h.chunk(2, dim=-1)
     g, a_ = wide(grad), wide(a)
     s = torch.sigmoid(a_)
     grad_a = g * wide(b) * s * (1 + a_ * (1 - s))
-    return grad_a.to(a.dtype), (g * a_ * s).to(b.dtype)
+    return torch.cat([grad_a.to(h.dtype), (g * a_ * s).to(h.dtype)], dim=-1)
 
 
 class ExpandRows(torch.autograd.Function):
@@ -145,14 +150,17 @@ class CombineRows(torch.autograd.Function):
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(a) · b, saving only a and b for backward."""
+    """h [..., 2F] = [a | b] -> silu(a) · b [..., F], saving only h for backward."""
 
     @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return swiglu_forward(a, b)
+    def forward(ctx, h):
+        if h.shape[-1] % 2:
+            raise ValueError(f"SwiGLU takes the gate's and the up projection's columns side by side: an even width, "
+                             f"got {h.shape[-1]}")
+        ctx.save_for_backward(h)
+        return swiglu_forward(h)
 
     @staticmethod
     def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return swiglu_backward(grad.contiguous(), a, b)
+        (h,) = ctx.saved_tensors
+        return swiglu_backward(grad.contiguous(), h)

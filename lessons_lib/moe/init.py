@@ -22,12 +22,26 @@ def _generator(seed: int, name: str, index: int = 0) -> torch.Generator:
 
 
 def expert_weight_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
-    """Per-expert shapes of the stacked expert weights, by name."""
+    """Per-expert shapes of the stacked expert weights, by name: w1 [H, F] and w2 [F, H] for gelu; for swiglu
+    w13 [H, 2F], Mixtral's w1 (the gate) and w3 (the up projection) side by side, and w2."""
     H, F = cfg.hidden_dim, cfg.ffn_dim
-    shapes = {"w1": (H, F), "w2": (F, H)}
     if cfg.activation == "swiglu":
-        shapes["w3"] = (H, F)
-    return shapes
+        return {"w13": (H, 2 * F), "w2": (F, H)}
+    return {"w1": (H, F), "w2": (F, H)}
+
+
+def first_weight_name(cfg: MoEConfig) -> str:
+    """The name of the matrix an FFN's input meets first: "w13" for swiglu (gate and up side by side), else "w1"."""
+    return "w13" if cfg.activation == "swiglu" else "w1"
+
+
+def _draw(seed: int, name: str, index: int, fan_in: int, fan_out: int) -> torch.Tensor:
+    """One matrix [fan_in, fan_out], fan-in scaled; w13 is drawn as w1 and w3 were, each from its own generator
+    (so its weights are the same whether the two are stored apart or side by side)."""
+    if name.endswith("w13"):
+        gate, up = (_draw(seed, name[:-2] + n, index, fan_in, fan_out // 2) for n in "13")
+        return torch.cat([gate, up], dim=-1)
+    return torch.randn(fan_in, fan_out, generator=_generator(seed, name, index)) / math.sqrt(fan_in)
 
 
 def init_router_weight(cfg: MoEConfig) -> torch.Tensor:
@@ -38,30 +52,25 @@ def init_router_weight(cfg: MoEConfig) -> torch.Tensor:
 
 
 def init_expert_weights(cfg: MoEConfig, experts: range) -> dict[str, torch.Tensor]:
-    """Stacked weights of the given experts: w1 [e, H, F], w2 [e, F, H] (and w3 [e, H, F]).
+    """Stacked weights of the given experts: w1 [e, H, F] (w13 [e, H, 2F] for swiglu) and w2 [e, F, H].
 
     Fan-in scaling keeps activations of order one through the expert.
     """
     out = {}
     for name, (fan_in, fan_out) in expert_weight_shapes(cfg).items():
-        rows = [
-            torch.randn(fan_in, fan_out, generator=_generator(cfg.seed, f"experts.{name}", e))
-            / math.sqrt(fan_in)
-            for e in experts
-        ]
+        rows = [_draw(cfg.seed, f"experts.{name}", e, fan_in, fan_out) for e in experts]
         stacked = torch.stack(rows) if rows else torch.empty(0, fan_in, fan_out)
         out[name] = stacked.to(cfg.torch_dtype)
     return out
 
 
 def shared_weight_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
-    """Shapes of the shared expert's weights (lesson 08), by name: none without cfg.shared_ffn_dim."""
+    """Shapes of the shared expert's weights (lesson 08), by name: none without cfg.shared_ffn_dim; w1 [H, S]
+    (w13 [H, 2S] for swiglu), w2 [S, H], and gate [1, H] with cfg.shared_gate."""
     if cfg.shared_ffn_dim is None:
         return {}
     H, S = cfg.hidden_dim, cfg.shared_ffn_dim
-    shapes = {"w1": (H, S), "w2": (S, H)}
-    if cfg.activation == "swiglu":
-        shapes["w3"] = (H, S)
+    shapes = {first_weight_name(cfg): (H, (2 if cfg.activation == "swiglu" else 1) * S), "w2": (S, H)}
     if cfg.shared_gate:
         shapes["gate"] = (1, H)
     return shapes
@@ -69,16 +78,19 @@ def shared_weight_shapes(cfg: MoEConfig) -> dict[str, tuple[int, int]]:
 
 def init_shared_weights(cfg: MoEConfig) -> dict[str, torch.Tensor]:
     """The shared expert's weights (lesson 08), fan-in scaled like an expert's; every EP rank draws the same."""
-    return {name: (torch.randn(*shape, generator=_generator(cfg.seed, f"shared.{name}"))
-                   / math.sqrt(shape[0] if name != "gate" else shape[1])).to(cfg.torch_dtype)
-            for name, shape in shared_weight_shapes(cfg).items()}
+    out = {}
+    for name, (rows, cols) in shared_weight_shapes(cfg).items():
+        fan_in, fan_out = (cols, rows) if name == "gate" else (rows, cols)  # gate [1, H] is stored transposed
+        w = _draw(cfg.seed, f"shared.{name}", 0, fan_in, fan_out)
+        out[name] = (w.t() if name == "gate" else w).to(cfg.torch_dtype)
+    return out
 
 
 def init_full_state_dict(cfg: MoEConfig) -> dict[str, torch.Tensor]:
     """The unsharded weights of one layer, under the names every layer variant loads:
-    `router.weight` [E, H] (none for the hash router), `experts.w1` [E, H, F], `experts.w2` [E, F, H],
-    `experts.w3` [E, H, F], and with a shared expert (lesson 08) `shared.w1` [H, S], `shared.w2` [S, H],
-    `shared.w3` [H, S] and `shared.gate` [1, H].
+    `router.weight` [E, H] (none for the hash router), `experts.w1` [E, H, F] (for swiglu `experts.w13`
+    [E, H, 2F]: w1 and w3 side by side), `experts.w2` [E, F, H], and with a shared expert (lesson 08)
+    `shared.w1` [H, S] (`shared.w13` [H, 2S]), `shared.w2` [S, H] and `shared.gate` [1, H].
     """
     sd = {} if cfg.router == "hash" else {"router.weight": init_router_weight(cfg)}
     for name, w in init_shared_weights(cfg).items():

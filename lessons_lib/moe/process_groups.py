@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from .distributed import all_reduce_grads
@@ -87,12 +88,29 @@ def check_ranks_per_node(ranks_per_node: int, world_size: int) -> None:
                          f"({world_size}): the world is nodes × ranks_per_node")
 
 
+def ranks_per_node_of_every_rank(ranks_per_node) -> list:
+    """Every rank's ranks_per_node (an invalid one as None), by one all_gather of one int that every rank of the
+    world joins. Ranks that disagree (torchrun started a different number of processes on two machines, so their
+    LOCAL_WORLD_SIZE differ) would make different groups and wait in new_group forever."""
+    valid = isinstance(ranks_per_node, int) and not isinstance(ranks_per_node, bool) and ranks_per_node > 0
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([ranks_per_node if valid else -1], device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(v) if int(v) > 0 else None for v in every]
+
+
 def build_node_groups(ranks_per_node: int | None = None) -> NodeGroups:
     """Every intra-node and inter-node group (new_group is collective: every rank makes every group, in the same
-    order) and this rank's two. A ranks_per_node that does not divide the world is a ValueError on every rank,
-    before any collective."""
+    order) and this rank's two. A ranks_per_node that does not divide the world, or that is not the same on every
+    rank, is a ValueError on every rank, after one all_gather of one int that every rank joins (none waits)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     R = default_ranks_per_node() if ranks_per_node is None else ranks_per_node
+    every = ranks_per_node_of_every_rank(R)
+    if len(set(every)) > 1:
+        raise ValueError(f"ranks_per_node differs between ranks ({every}, by rank): every rank must see the same "
+                         "number of ranks per node (torchrun's LOCAL_WORLD_SIZE, or the ranks_per_node passed); "
+                         "start the same number of processes on every node")
     check_ranks_per_node(R, world)
     world_group = dist.group.WORLD
     key = (id(world_group), R)

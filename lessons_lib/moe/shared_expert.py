@@ -15,11 +15,12 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import activate
-from .init import init_shared_weights
+from .init import first_weight_name, init_shared_weights
 
 
 class SharedExpert(nn.Module):
-    """x_TH -> [T, H]: act(x·w1 [, x·w3])·w2, times sigmoid(x·gateᵀ) when cfg.shared_gate."""
+    """x_TH -> [T, H]: act(x·w1)·w2 (swiglu: act(x·w13)·w2, w13 = w1 and w3 side by side, as an expert's), times
+    sigmoid(x·gateᵀ) when cfg.shared_gate."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -33,8 +34,7 @@ class SharedExpert(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        h3 = x_TH @ self.w3 if c.activation == "swiglu" else None
-        y_TH = activate(x_TH @ self.w1, h3, c.activation) @ self.w2
+        y_TH = activate(x_TH @ getattr(self, first_weight_name(c)), c.activation) @ self.w2
         if c.shared_gate:
             y_TH = torch.sigmoid(x_TH @ self.gate.t()) * y_TH
         return y_TH

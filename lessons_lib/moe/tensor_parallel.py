@@ -1,7 +1,7 @@
 """Tensor parallelism for the MoE MLP, for comparison with expert parallelism (lesson 07).
 
 Every rank of the TP group holds EVERY expert, but only a slice of each: columns
-f = rank·F/N … (rank+1)·F/N − 1 of w1 (and w3) and the matching rows of w2. All ranks run the
+f = rank·F/N … (rank+1)·F/N − 1 of w1 (of both halves of w13) and the matching rows of w2. All ranks run the
 same tokens; each computes a partial output y_r = Σ_k w_k · (act(x·w1[:, f]) · w2[f, :]),
 and one all-reduce of [T, H] sums them: y = Σ_r y_r (Megatron's column-then-row split, per expert).
 
