@@ -89,16 +89,19 @@ def test_the_command_writes_its_record_on_two_ranks(tmp_path):
         assert run["max_diff_y"] == 0.0 and record["after_uncommitted_changes"] is False
 
 
-@pytest.mark.parametrize("name, before", [("revision_ab_small_cpu", "1bb554b"),
-                                          ("revision_ab_small_cpu_control", None)])
-def test_the_committed_records_say_what_the_readme_quotes(name, before):
+@pytest.mark.parametrize("name, before, rounds", [("revision_ab_small_cpu", "1bb554b", 60),
+                                                  ("revision_ab_small_cpu_control", None, 60),
+                                                  ("revision_ab_small_swiglu_cpu", "3d0d34a", 20),
+                                                  ("revision_ab_small_swiglu_cpu_control", None, 20)])
+def test_the_committed_records_say_what_the_readme_quotes(name, before, rounds):
     import statistics
 
     record = json.loads((REPO / "images" / f"{name}.json").read_text())
     assert record["device"] == "cpu" and record["world_size"] == 2 and not record["after_uncommitted_changes"]
     assert record["before"].startswith(before or record["after"])  # the control: the checkout against its commit
+    assert record.get("activation", "gelu") == ("swiglu" if "swiglu" in name else "gelu")
     medians = [statistics.median(r["ratio"]) for r in record["runs"].values()]
-    assert len(medians) == 6 and all(len(r["ratio"]) == 60 for r in record["runs"].values())
+    assert len(medians) == 6 and all(len(r["ratio"]) == rounds for r in record["runs"].values())
     assert all(r["max_diff_y"] == 0.0 and r["max_diff_grad_x"] < 1e-6 for r in record["runs"].values())
     quoted = f"{min(medians):.3f} and {max(medians):.3f}" if before else f"{min(medians):.3f} to {max(medians):.3f}"
     readme = " ".join((REPO / "README.md").read_text().split())
