@@ -214,3 +214,18 @@ def test_the_sizes_readback_measurement_times_both_ways_and_writes_its_record(np
     assert list(run["rounds_ms"]) == list(WAYS if nproc == 1 else WAYS[1:])  # `local`: one rank only
     assert all(len(t) == 4 and min(t) > 0 for t in run["rounds_ms"].values())
     assert all(min(t) <= run["median_ms"][way] <= max(t) for way, t in run["rounds_ms"].items())
+
+
+def test_the_committed_1xh100_record_since_w13_beats_transformers_and_uses_no_more_memory():
+    """Issue 21's checks on the record lesson 04 and the README quote: transformers' block takes more than 1.35 x
+    ours at every size, the peak memory is not above the 1xH200 record's of the bank before w13, and the layer lies
+    between its routing's GEMMs alone and 1.2 x them."""
+    after = json.loads((REPO / "images" / "bench_realistic_1xh100.json").read_text())
+    before = json.loads((REPO / "images" / "bench_realistic_1xh200.json").read_text())
+    assert "H100" in after["device"] and {r["tokens_per_rank"] for r in after["runs"]} == {4096, 8192}
+    peak_before = {(r["dispatcher"], r["tokens_per_rank"]): r["peak_mem_gb"] for r in before["runs"]}
+    for r in after["runs"]:
+        peer = after["peers"][str(r["tokens_per_rank"])]["fwd_bwd_ms"]
+        assert peer > 1.35 * r["fwd_bwd_ms"]
+        assert r["peak_mem_gb"] <= peak_before[r["dispatcher"], r["tokens_per_rank"]]
+        assert r["grouped_gemms_at_counts_ms"] < r["fwd_bwd_ms"] < 1.2 * r["grouped_gemms_at_counts_ms"]

@@ -102,3 +102,24 @@ def test_the_committed_1xh200_bench_splits_the_device_time_and_times_the_gemms_a
         assert rows["mean"] == r["tokens_per_rank"] * record["config"]["top_k"] / record["config"]["num_experts"]
         assert rows["min"] < rows["mean"] < rows["max"]
         assert r["grouped_gemms_equal_ms"] < r["grouped_gemms_at_counts_ms"] < r["fwd_bwd_ms"]
+
+
+def test_the_layer_is_timed_both_ways_and_torchs_grouped_gemm_is_put_back():
+    from lessons_lib.lab.group_sizes import layer_times
+
+    original = torch._grouped_mm
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+    times = layer_times(cfg, 12, torch.device("cpu"), rounds=2, steps=1)
+    assert set(times) == {"torch's tiles", "64-row tiles"}
+    assert all(len(t["rounds_ms"]) == 2 and t["median_ms"] > 0 for t in times.values())
+    assert torch._grouped_mm is original
+
+
+def test_the_committed_small_tile_record_says_the_64_row_kernel_loses():
+    record = json.loads((IMAGES / "group_sizes_1xh100.json").read_text())
+    assert "H100" in record["device"]
+    for tokens, ways in record["runs"].items():
+        for sizes in ("equal", "routed"):
+            assert ways[f"{sizes}, 64-row tiles"]["median_ms"] > 1.1 * ways[sizes]["median_ms"]
+        layer = record["layer"][tokens]
+        assert layer["64-row tiles"]["median_ms"] > 1.1 * layer["torch's tiles"]["median_ms"]

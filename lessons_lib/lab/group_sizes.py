@@ -5,12 +5,17 @@ rows run slower in unequal groups than in equal ones that fill every tile. `grou
 of forward + backward (`limits.grouped_gemms_ms`) at the DeepSeek-V3-like shape on the same number of rows split
 several ways: equal groups, the group sizes the layer's router gives the benchmark's tokens, those sizes rounded
 up to whole tiles of 128 rows (more rows, all tiles full), and equal groups one row larger and 64 rows smaller than
-an exact number of tiles. The ways alternate in rounds so that all see the GPU in the same state. On a GPU with
-the fast grouped GEMM (bf16, Hopper):
+an exact number of tiles; and the equal and routed sizes once more with empty groups added, which make torch's
+kernel cut tiles of 64 rows (`small_tiles`, an experiment the bank does not use: it loses). The ways alternate in
+rounds so that all see the GPU in the same state. `layer_times` then times the whole layer (`local` + `grouped`,
+forward + backward) with torch's tiles and with 64-row ones, alternating too. On a GPU with the fast grouped GEMM
+(bf16, Hopper):
 
     python -m lessons_lib.lab.group_sizes --out images/group_sizes_1xh200.json
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -20,9 +25,11 @@ from ..moe.layer import MoELayer
 from .limits import grouped_gemms_ms
 from .records import record_arguments, record_header, redraw_record, write_record
 from .shapes import REALISTIC
-from .timing import median
+from .small_tiles import forced
+from .timing import median, timed_runs
 
 TILE = 128  # rows per tile in the grouped GEMM's kernel at this shape (the record shows it: 512 rows vs 513)
+SPREAD = ", 64-row tiles"  # suffix of a way timed with empty groups added (`small_tiles`)
 
 
 def routed_sizes(cfg: MoEConfig, tokens: int, device, seed: int = 1234) -> list[int]:
@@ -49,12 +56,37 @@ def size_ways(routed: list[int], tile: int = TILE) -> dict[str, list[int]]:
 def group_size_times(cfg: MoEConfig, tokens: int, device, rounds: int = 4, steps: int = 10) -> dict:
     """{way: {"sizes": [...], "rows": n, "rounds_ms": [...], "median_ms": ms}} at `tokens` tokens (rows = tokens·k)."""
     ways = size_ways(routed_sizes(cfg, tokens, device))
+    ways |= {w + SPREAD: ways[w] for w in ("equal", "routed")}
     times = {way: [] for way in ways}
     for _ in range(rounds):
         for way, sizes in ways.items():
-            times[way].append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=sizes))
+            with forced() if way.endswith(SPREAD) else nullcontext():
+                times[way].append(grouped_gemms_ms(cfg, sum(sizes), device, steps, warmup=2, sizes=sizes))
     return {way: {"sizes": ways[way], "rows": sum(ways[way]), "rounds_ms": t, "median_ms": median(t)}
             for way, t in times.items()}
+
+
+def layer_times(cfg: MoEConfig, tokens: int, device, rounds: int = 4, steps: int = 10) -> dict:
+    """{"torch's tiles" / "64-row tiles": {"rounds_ms", "median_ms"}}: forward + backward (the input's gradient
+    included, as `bench.bench_one`) of a `local` + `grouped` layer on the benchmark's tokens, as it is and inside
+    `small_tiles.forced()`, alternating."""
+    layer = MoELayer(cfg, "local", "grouped").to(device)
+    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(1234))
+    x = x.to(device, cfg.torch_dtype).requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, cfg.torch_dtype)
+
+    def fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x)[0].backward(grad)
+
+    ways = {"torch's tiles": nullcontext, "64-row tiles": forced}
+    times = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, context in ways.items():
+            with context():
+                times[way].append(median(timed_runs(fwd_bwd, steps, 2, device, collective=False)))
+    return {way: {"rounds_ms": t, "median_ms": median(t)} for way, t in times.items()}
 
 
 def plot_record(record: dict):
@@ -64,11 +96,11 @@ def plot_record(record: dict):
     import matplotlib.pyplot as plt
 
     runs = record["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(8 * len(runs), 4), squeeze=False)
     for ax, (tokens, ways) in zip(axes[0], runs.items()):
         names = list(ways)
         ms = [ways[w]["median_ms"] for w in names]
-        bars = ax.bar([n.replace(", ", ",\n") for n in names], ms, color=["C2", "C0", "C1", "C3", "C7"])
+        bars = ax.bar([n.replace(", ", ",\n") for n in names], ms, color=["C2", "C0", "C1", "C3", "C7", "C4", "C5"])
         for bar, w in zip(bars, names):
             s = ways[w]["sizes"]
             ax.annotate(f"{ways[w]['rows']} rows\n{min(s)}-{max(s)} per group", (bar.get_x() + bar.get_width() / 2,
@@ -95,6 +127,11 @@ def main(argv=None) -> None:
     for tokens in (4096, 8192):
         record["runs"][str(tokens)] = group_size_times(REALISTIC, tokens, device)
         print(tokens, {w: round(r["median_ms"], 2) for w, r in record["runs"][str(tokens)].items()}, flush=True)
+    record["layer"] = {}
+    for tokens in (4096, 8192):
+        record["layer"][str(tokens)] = layer_times(REALISTIC, tokens, device)
+        print(tokens, "layer", {w: round(r["median_ms"], 2) for w, r in record["layer"][str(tokens)].items()},
+              flush=True)
     write_record(record, a.out, plot_record)
 
 
