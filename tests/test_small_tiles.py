@@ -74,7 +74,7 @@ def test_groups_per_expert_brings_the_average_down_to_the_small_tile_rule():
     assert groups_per_expert(32768, 64, 24, 2) == 1  # an expert stride of 24 elements does not split into 8 aligned
 
 
-def test_forced_leaves_other_devices_alone_and_puts_torchs_function_back(monkeypatch):
+def test_forced_leaves_other_devices_alone_and_puts_torchs_function_back():
     """Off a Hopper GPU `forced` passes every call through unchanged, and torch._grouped_mm is torch's again after
     the block, even when the block raises."""
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=16, activation="swiglu")
@@ -86,7 +86,8 @@ def test_forced_leaves_other_devices_alone_and_puts_torchs_function_back(monkeyp
     with pytest.raises(RuntimeError, match="inside"):
         with forced():
             assert torch._grouped_mm is not original
-            assert torch.equal(bank(x, counts), y)
+            inside = bank(x, counts)
+            assert torch.equal(inside, y) and "SpreadGroupedMM" not in type(inside.grad_fn).__name__
             raise RuntimeError("inside")
     assert torch._grouped_mm is original
 
@@ -104,8 +105,11 @@ def test_on_a_hopper_gpu_forced_spreads_the_bank_and_computes_the_same_function(
         bank.zero_grad(set_to_none=True)
         x.grad = None
         with context():
-            (bank(x, counts) * g).sum().backward()
-            results.append([bank(x, counts).detach(), x.grad.clone(), bank.w13.grad.clone(), bank.w2.grad.clone()])
+            y = bank(x, counts)
+            (y * g).sum().backward()
+            results.append([y.detach(), x.grad.clone(), bank.w13.grad.clone(), bank.w2.grad.clone()])
+        # the bank's second GEMM ran through the spread groups inside forced(), torch's own op outside it
+        assert ("SpreadGroupedMM" in type(y.grad_fn).__name__) == (context is forced)
     assert groups_per_expert(x.shape[0], 8, bank.w13.stride(0), 2) > 1
     for a, b in zip(*results):
         assert relative_error(a, b) <= 1e-2

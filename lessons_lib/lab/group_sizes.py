@@ -32,11 +32,17 @@ TILE = 128  # rows per tile in the grouped GEMM's kernel at this shape (the reco
 SPREAD = ", 64-row tiles"  # suffix of a way timed with empty groups added (`small_tiles`)
 
 
+def bench_tokens(cfg: MoEConfig, tokens: int, device, seed: int = 1234) -> torch.Tensor:
+    """[tokens, H] random tokens, drawn as the benchmark draws rank 0's (`bench.bench_one`)."""
+    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(seed))
+    return x.to(device, cfg.torch_dtype)
+
+
 def routed_sizes(cfg: MoEConfig, tokens: int, device, seed: int = 1234) -> list[int]:
     """Rows per expert that a `local` layer of `cfg` routes for `tokens` random tokens drawn as the benchmark draws
     rank 0's (`bench.bench_one`)."""
     layer = MoELayer(cfg, "local", "grouped").to(device)
-    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(seed)).to(device, cfg.torch_dtype)
+    x = bench_tokens(cfg, tokens, device, seed)
     with torch.no_grad():
         _, counts_L, _ = layer.dispatch(x, layer.route(x))
     return counts_L.tolist()
@@ -71,8 +77,7 @@ def layer_times(cfg: MoEConfig, tokens: int, device, rounds: int = 4, steps: int
     included, as `bench.bench_one`) of a `local` + `grouped` layer on the benchmark's tokens, as it is and inside
     `small_tiles.forced()`, alternating."""
     layer = MoELayer(cfg, "local", "grouped").to(device)
-    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(1234))
-    x = x.to(device, cfg.torch_dtype).requires_grad_()
+    x = bench_tokens(cfg, tokens, device).requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, cfg.torch_dtype)
 
     def fwd_bwd():

@@ -58,16 +58,18 @@ class SpreadGroupedMM(torch.autograd.Function):
     def forward(ctx, x_MK, w_LKN, offs_L, G: int):
         ctx.save_for_backward(x_MK, w_LKN, offs_L)
         ctx.G = G
-        return _grouped_mm(x_MK, *spread(w_LKN, offs_L, G))
+        w, offs = spread(w_LKN, offs_L, G)
+        return _grouped_mm(x_MK, w, offs=offs)
 
     @staticmethod
     def backward(ctx, grad_MN):
         x_MK, w_LKN, offs_L = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _grouped_mm(grad_MN, *spread(w_LKN.transpose(1, 2), offs_L, ctx.G))
+            w_t, offs = spread(w_LKN.transpose(1, 2), offs_L, ctx.G)
+            grad_x = _grouped_mm(grad_MN, w_t, offs=offs)
         if ctx.needs_input_grad[1]:
-            grad_w = _grouped_mm(x_MK.t(), grad_MN, offs_L)
+            grad_w = _grouped_mm(x_MK.t(), grad_MN, offs=offs_L)
         return grad_x, grad_w, None, None
 
 
