@@ -6,11 +6,11 @@ Modes (params["mode"]):
   alltoall_autograd: our AllToAll Function against PyTorch's differentiable all_to_all_single;
   traffic: the bytes each dispatcher counts against what the routing says it must send;
   bias: DeepSeek-V3's bias update sums the loads over the ranks, so every rank keeps the same bias;
-  lesson08: shared experts (gated or not) and the hash router behind every dispatcher and bank;
+  shared_block: lesson 08's shared experts (gated or not) and lesson 06's hash router behind every dispatcher and bank;
   overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without;
-  lesson11: the FP8 dispatch behind every dispatcher that sends rows, against the single-device layer with the
-    same quantization, and its counted bytes;
-  lesson12: generation of the MoE transformer with its MoE layers over the ranks against one device; two
+  fp8_dispatch: lesson 12's FP8 dispatch behind every dispatcher that sends rows, against the single-device layer with
+    the same quantization, and its counted bytes; fp4_bank: lesson 13's FP4 bank against itself on one device;
+  generation: lesson 14's generation of the MoE transformer with its MoE layers over the ranks against one device; two
     micro-batches and the static decode path against the layer whole; a bad generate() argument on one rank.
 """
 import os
@@ -85,7 +85,7 @@ def looped_grouped_cases(N):
             yield dispatcher, "grouped", cfg, "loop of mm: uneven tokens", [0, 6, 12, 5][:N], "random"
 
 
-def lesson08_cases(N):
+def shared_block_cases(N):
     """(dispatcher, bank, config, case, tokens per rank, routing) for lesson 08's block."""
     from lessons_lib.lab.equivalence import routing_cases
 
@@ -107,8 +107,8 @@ def lesson08_cases(N):
                 yield dispatcher, bank, top_k_is_e, f"{name}: top_k=E", [5] * N, "random"
 
 
-def lesson11_cases(N):
-    """(dispatcher, bank, config, case, tokens per rank, routing, ranks_per_node) for lesson 11's FP8 dispatch."""
+def fp8_dispatch_cases(N):
+    """(dispatcher, bank, config, case, tokens per rank, routing, ranks_per_node) for lesson 12's FP8 dispatch."""
     from lessons_lib.lab.equivalence import routing_cases
 
     fp8 = dict(num_experts=4 * N, top_k=2, hidden_dim=128, ffn_dim=32, dispatch_dtype="float8_e4m3fn")
@@ -134,7 +134,7 @@ def lesson11_cases(N):
 
 
 def hierarchical_cases(N, R):
-    """(bank, config, case, tokens per rank, routing) for lesson 09's dispatcher on N ranks as N/R nodes × R."""
+    """(bank, config, case, tokens per rank, routing) for lesson 10's dispatcher on N ranks as N/R nodes × R."""
     from lessons_lib.lab.equivalence import routing_cases
 
     nodes = N // R
@@ -155,7 +155,7 @@ def hierarchical_cases(N, R):
 
 
 def placement_cases(N):
-    """(bank, config, case, placement, tokens per rank, routing) for lesson 10's replicas on N ranks."""
+    """(bank, config, case, placement, tokens per rank, routing) for lesson 11's replicas on N ranks."""
     from lessons_lib.moe.placement import place_experts
 
     E = 2 * N
@@ -288,7 +288,7 @@ def generation_configs(N):
             "hash": ModelConfig(MoEConfig(**moe, router="hash", activation="swiglu"), vocab_size=64, max_seq_len=48)}
 
 
-def lesson12(rank, world_size, device):
+def generation(rank, world_size, device):
     from lessons_lib.lab.equivalence import compare_generation, relative_error
     from lessons_lib.model import ModelConfig, MoETransformer, generate
     from lessons_lib.moe.capacity import static_dropless
@@ -363,17 +363,17 @@ def main():
                 row["path"] = probe.experts.path
             rows.append(row)
         result = rows
-    elif p["mode"] == "lesson08":
+    elif p["mode"] == "shared_block":
         GroupedExperts.use_reference_kernel = True
         result = []
-        for dispatcher, bank, cfg, name, tokens, routing in lesson08_cases(world_size):
+        for dispatcher, bank, cfg, name, tokens, routing in shared_block_cases(world_size):
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, overlap=p.get("overlap", True))
             result.append({"dispatcher": dispatcher, "experts": bank, "case": name, "errors": errors})
-    elif p["mode"] == "lesson11":
+    elif p["mode"] == "fp8_dispatch":
         GroupedExperts.use_reference_kernel = True
         result = {"rows": [], "bytes": {}}
-        for dispatcher, bank, cfg, name, tokens, routing, R in lesson11_cases(world_size):
+        for dispatcher, bank, cfg, name, tokens, routing, R in fp8_dispatch_cases(world_size):
             errors = compare_with_single_device(cfg, dispatcher, bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, ranks_per_node=R if dispatcher == "hierarchical"
                                                 else None)
@@ -386,7 +386,7 @@ def main():
                               generator=torch.Generator(device).manual_seed(rank)))
             result["bytes"][dtype or "float8_e4m3fn"] = {phase: vars(b) for phase, b in
                                                          layer.dispatcher.traffic.phases.items()}
-    elif p["mode"] == "lesson11_fp4":  # the FP4 bank, with and without FP8 dispatch, against itself on one device
+    elif p["mode"] == "fp4_bank":  # the FP4 bank, with and without FP8 dispatch, against itself on one device
         from lessons_lib.lab.equivalence import routing_cases
         result = []
         kw = dict(num_experts=4 * world_size, top_k=2, hidden_dim=128, ffn_dim=64, activation="swiglu")
@@ -398,14 +398,14 @@ def main():
                                                         routing=routing, device=device,
                                                         ranks_per_node=1 if dispatcher == "hierarchical" else None)
                     result.append({"dispatcher": dispatcher, "case": f"{case}, wire {wire}", "errors": errors})
-    elif p["mode"] == "lesson12":
-        result = lesson12(rank, world_size, device)
+    elif p["mode"] == "generation":
+        result = generation(rank, world_size, device)
     elif p["mode"] == "overlap_bitwise":
         result = overlap_bitwise(rank, world_size, device)
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, router="hash")
         messages = {}
-        for dispatcher in ("allgather", "alltoall", "tp", "hierarchical"):  # lesson 09's too: 2 nodes × 1 rank
+        for dispatcher in ("allgather", "alltoall", "tp", "hierarchical"):  # lesson 10's too: 2 nodes × 1 rank
             layer = MoELayer(cfg, dispatcher, ranks_per_node=1 if dispatcher == "hierarchical" else None).to(device)
             x = torch.randn(4, 16, device=device)
             for bad, ids in (("missing", None), ("shape", torch.arange(3, device=device))):
@@ -510,7 +510,7 @@ def main():
             dist.all_reduce(t)
             return int(t.item())
 
-        statuses |= {f"09.3 {name}": run_check("09.3", fn)["status"] for name, fn in
+        statuses |= {f"10.3 {name}": run_check("10.3", fn)["status"] for name, fn in
                      (("solution", inter_node_bytes), ("not reduced", not_reduced),
                       ("pairs, not nodes", pairs_not_nodes))}
         every = [None] * world_size
@@ -575,14 +575,14 @@ def main():
             result["bad ep_size"] = str(e)
     elif p["mode"] == "traffic":
         result = traffic_check(rank, world_size, device)
-    elif p["mode"] == "hierarchical":  # lesson 09: against the single-device layer, on nodes × ranks_per_node
+    elif p["mode"] == "hierarchical":  # lesson 10: against the single-device layer, on nodes × ranks_per_node
         GroupedExperts.use_reference_kernel = True
         result = []
         for bank, cfg, name, tokens, routing in hierarchical_cases(world_size, p["ranks_per_node"]):
             errors = compare_with_single_device(cfg, "hierarchical", bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, ranks_per_node=p["ranks_per_node"])
             result.append({"experts": bank, "case": name, "errors": errors})
-    elif p["mode"] == "placement":  # lesson 10: replicas against the single-device layer
+    elif p["mode"] == "placement":  # lesson 11: replicas against the single-device layer
         GroupedExperts.use_reference_kernel = True
         result = []
         for bank, cfg, name, placement, tokens, routing in placement_cases(world_size):
@@ -597,7 +597,7 @@ def main():
         first = place_experts(torch.tensor([50.0] + [1.0] * (E - 1)), world_size, 3)
         second = place_experts(torch.tensor([1.0] * (E - 1) + [50.0]), world_size, 3)
         result = compare_placement_training(cfg, first, second, device=device)
-    elif p["mode"] == "hierarchical_traffic":  # lesson 09: counted inter-node bytes against the model, exactly
+    elif p["mode"] == "hierarchical_traffic":  # lesson 10: counted inter-node bytes against the model, exactly
         from lessons_lib.lab.node_traffic import remote_nodes, remote_pairs, split_bytes_by_link
         from lessons_lib.moe.init import init_full_state_dict
         R = p["ranks_per_node"]
@@ -668,7 +668,7 @@ def main():
         every = [None] * world_size  # every rank got here: nothing waited in a collective forever
         dist.all_gather_object(every, result)
         result = every
-    elif p["mode"] == "overlap_timeline":  # lesson 08's measurement, at a small shape
+    elif p["mode"] == "overlap_timeline":  # lesson 09's measurement, at a small shape
         from lessons_lib.lab.overlap_timeline import overlap_step_times, timelines
         # rows big enough (256 KiB per rank) that the exchange is still in flight when the shared expert starts
         cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=256, ffn_dim=32, shared_ffn_dim=256)

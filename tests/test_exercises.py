@@ -11,14 +11,14 @@ from lessons_lib.course import checker
 from lessons_lib.course.checker import check, pick, run_check
 from lessons_lib.course.exercises import EXERCISES
 
-SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 09.3 need ranks: below
+SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 10.3 need ranks: below
 
 
-def test_every_lesson_from_01_to_12_has_two_or_three_exercises():
+def test_every_lesson_from_01_on_has_two_or_three_exercises():
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12"]
+    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "10", "11", "12", "14"]
     assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
 
 
@@ -63,25 +63,25 @@ KNOWN = {
     "08.1": ((T([[1.0, 0]]), T([[0.5, 0.5]]), T([[1.0], [0]]), T([[2.0, 0]]), None), T([[0.5 + 2 * 0.8413447, 0.5]])),
     "08.2": ((T([[0, 3], [1, 1], [2, 3]]), 4, 2), T([2, 1, 1])),
     # 8 experts on 4 nodes {0,1} {2,3} {4,5} {6,7}; seen from node 1
-    "09.1": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4, 1), T([2, 0, 2])),
-    "09.2": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4), [1, 2, 1, 2]),
+    "10.1": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4, 1), T([2, 0, 2])),
+    "10.2": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4), [1, 2, 1, 2]),
     # expert 3 (load 12) on 3 slots: 4 per slot; rank 0 holds 0, 1 and one 3; rank 1 holds 2 and two 3s
-    "10.1": ((T([[0, 1, 3], [2, 3, 3]]), T([1.0, 2.0, 3.0, 12.0])), T([7.0, 11.0], dtype=torch.float64)),
-    "10.2": ((T([90.0, 30.0, 20.0, 10.0]), 6), [3, 1, 1, 1]),  # 90 -> 45 -> 30 per replica
+    "11.1": ((T([[0, 1, 3], [2, 3, 3]]), T([1.0, 2.0, 3.0, 12.0])), T([7.0, 11.0], dtype=torch.float64)),
+    "11.2": ((T([90.0, 30.0, 20.0, 10.0]), 6), [3, 1, 1, 1]),  # 90 -> 45 -> 30 per replica
     # expert 3's slots are 2, 4, 5; rank 1 starts at its replica 1 (slot 4): pairs of 3 take 4, 5, 2, then 4
-    "10.3": ((T([[0, 1, 3], [2, 3, 3]]), T([[3, 0], [3, 1], [3, 2], [1, 3]]), 1),
+    "11.3": ((T([[0, 1, 3], [2, 3, 3]]), T([[3, 0], [3, 1], [3, 2], [1, 3]]), 1),
              T([[4, 0], [5, 1], [2, 3], [1, 4]])),
     # amax 300: scale 1, 300 rounds to 288 (e4m3 steps of 32 there); amax 3: 3/448 = 2^-7.2, scale 2^-7, so 3 and
     # 0.5 become 384 and 64; zeros: scale 1
-    "11.1": ((T([[300.0, -1.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]]), 2),
+    "12.1": ((T([[300.0, -1.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]]), 2),
              (T([[288.0, -1.0, 384.0, 64.0], [0.0, 0.0, 0.0, 0.0]]), T([[1.0, 2.0 ** -7], [1.0, 1.0]]))),
-    "11.2": ((T([[2.0, 3.0, -4.0, 1.0]]), T([[0.5, 4.0]])), T([[1.0, 1.5, -16.0, 4.0]])),
+    "12.2": ((T([[2.0, 3.0, -4.0, 1.0]]), T([[0.5, 4.0]])), T([[1.0, 1.5, -16.0, 4.0]])),
     # rank 0 of 2 owns experts 0, 1: pairs (0,3) (1,2) (2,3) send 1 + 1 + 2 rows of 7168 + 4·56 bytes
-    "11.3": ((T([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128), 4 * (7168 + 224)),
-    "12.1": ((256, 8, 128, 7168, 2), 256 * 128 * 7168 * 2),  # 32 experts x 8 ranks x 128 slots: 470 MB
-    "12.2": ((4.0, 6.0, 2.0), 2 + 3 + 3 + 1),  # against 12 unsplit
+    "12.3": ((T([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128), 4 * (7168 + 224)),
+    "14.1": ((256, 8, 128, 7168, 2), 256 * 128 * 7168 * 2),  # 32 experts x 8 ranks x 128 slots: 470 MB
+    "14.2": ((4.0, 6.0, 2.0), 2 + 3 + 3 + 1),  # against 12 unsplit
     # a zero query weighs the positions it sees equally: cached values 1, 3 at 0, 1; the new one, 5, at 2
-    "12.3": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
+    "14.3": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
               T([[[[1.0], [3.0], [9.0], [9.0]]]]), 2),
              (T([[[[3.0]]]]), torch.zeros(1, 1, 4, 1), T([[[[1.0], [3.0], [5.0], [9.0]]]]))),
 }
@@ -152,8 +152,8 @@ def test_the_alltoall_backward_exercise_runs_on_ranks():
     every = run_script(REPO / "tests" / "ep_worker.py", nproc=3, backend="gloo", params={"mode": "exercise"},
                        stream=False, timeout=300).value
     assert every == {"solution": "passed", "stub": "not implemented", "forward instead of backward": "failed",
-                     "wrong on one rank": "failed", "09.3 solution": "passed", "09.3 not reduced": "failed",
-                     "09.3 pairs, not nodes": "failed"}
+                     "wrong on one rank": "failed", "10.3 solution": "passed", "10.3 not reduced": "failed",
+                     "10.3 pairs, not nodes": "failed"}
 
 
 def test_grade_lists_the_exercises(capsys):
@@ -214,7 +214,7 @@ def test_a_cache_step_without_the_causal_mask_fails_where_a_query_could_see_ahea
         y = torch.nn.functional.scaled_dot_product_attention(q, cache_k[:, :, :start + S], cache_v[:, :, :start + S])
         return y, cache_k, cache_v
 
-    result = run_check("12.3", no_mask)  # a single new position sees everything anyway; a prefill must not
+    result = run_check("14.3", no_mask)  # a single new position sees everything anyway; a prefill must not
     assert result["status"] == "failed" and "prefill" in result["message"]
 
 
@@ -225,9 +225,9 @@ def test_a_cache_step_that_does_not_fill_the_cache_fails():
         sees = torch.arange(start + S) <= start + torch.arange(S)[:, None]
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=sees), cache_k, cache_v
 
-    result = run_check("12.3", concatenates)  # the right output, but the next step would not find k and v
+    result = run_check("14.3", concatenates)  # the right output, but the next step would not find k and v
     assert result["status"] == "failed"
 
 
 def test_two_micro_batches_timed_as_one_fail_their_exercise():
-    assert run_check("12.2", lambda d, e, c: d + e + c)["status"] == "failed"
+    assert run_check("14.2", lambda d, e, c: d + e + c)["status"] == "failed"

@@ -1,4 +1,5 @@
-"""Lesson 08: shared experts, their overlap with the dispatch, and the hash router."""
+"""Lesson 08: the DeepSeek-MoE block (shared experts); its overlap with the dispatch (lesson 09); the hash router
+(lesson 06)."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ TOLERANCE = 1e-5  # max relative error, fp32 on CPU
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
 def test_shared_experts_and_hash_routing_equal_the_single_device_layer(nproc):
-    rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "lesson08"}, stream=False,
+    rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "shared_block"}, stream=False,
                       timeout=600).value
     cases = 6 if nproc > 1 else 5  # routing_cases, + top_k=E below
     assert len(rows) == 3 * 2 * 5 * (cases + 1)

@@ -1,4 +1,4 @@
-"""Lesson 10's placement of redundant experts: the bound of the issue, the baseline, the node variant, the errors."""
+"""Lesson 11's placement of redundant experts: the bound of the issue, the baseline, the node variant, the errors."""
 import pytest
 import torch
 

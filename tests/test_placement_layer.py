@@ -1,4 +1,4 @@
-"""Lesson 10: a layer with redundant experts computes what the single-device layer computes, and trains alike."""
+"""Lesson 11: a layer with redundant experts computes what the single-device layer computes, and trains alike."""
 import pytest
 
 from launcher import run_script

@@ -345,9 +345,9 @@ def hash_load(token_ids: torch.Tensor, num_experts: int, top_k: int, seed: int) 
     return HashRouter(cfg)(torch.zeros(len(token_ids), 1), token_ids).tokens_per_expert(num_experts)
 
 
-# ---------------------------------------------------------------- lesson 09
+# ---------------------------------------------------------------- lesson 10
 
-@_exercise("09.1", "distinct remote nodes per token",
+@_exercise("10.1", "distinct remote nodes per token",
            "node of an expert = expert id // (num_experts // nodes); mark each token's nodes in a [T, nodes] "
            "boolean tensor, clear the column of this rank's own node, sum each row.",
            lambda: [("random", (torch.randint(16, (6, 4), generator=_g(0)), 16, 4, 1)),
@@ -362,7 +362,7 @@ def remote_nodes_per_token(expert_ids: torch.Tensor, num_experts: int, nodes: in
     return reference(expert_ids, num_experts, nodes, node)
 
 
-@_exercise("09.2", "hop 1's split sizes: rows to each node, once per (token, node)",
+@_exercise("10.2", "hop 1's split sizes: rows to each node, once per (token, node)",
            "a token goes to node n once if any of its experts is there: the same [T, nodes] marks as 09.1, "
            "own node included, summed over the tokens; return a list of ints.",
            lambda: [("random", (torch.randint(16, (6, 4), generator=_g(0)), 16, 4)),
@@ -384,7 +384,7 @@ def _inter_node_cases():
             for R in dict.fromkeys(per_node)]
 
 
-@_exercise("09.3", "the inter-node bytes of one hierarchical dispatch, over all ranks",
+@_exercise("10.3", "the inter-node bytes of one hierarchical dispatch, over all ranks",
            "this rank's node is rank // ranks_per_node; its bytes are (its tokens' distinct remote nodes, "
            "summed) · row_bytes (09.1); all_reduce them over every rank and return the total as an int.",
            _inter_node_cases, collective=True)
@@ -398,9 +398,9 @@ def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, ranks_per_node:
     return int(mine.item())
 
 
-# ---------------------------------------------------------------- lesson 10
+# ---------------------------------------------------------------- lesson 11
 
-@_exercise("10.1", "the load each rank carries under a placement",
+@_exercise("11.1", "the load each rank carries under a placement",
            "an expert's load is split evenly over its replicas: count each expert's slots (torch.bincount of the "
            "flattened placement), divide the loads by the counts, index by the placement, sum each rank's row.",
            lambda: [("one replica each", (torch.tensor([[0, 1], [2, 3]]), torch.tensor([4.0, 1.0, 2.0, 3.0]))),
@@ -413,7 +413,7 @@ def per_rank_load(placement: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     return rank_loads(placement, load)
 
 
-@_exercise("10.2", "how many replicas each expert gets",
+@_exercise("11.2", "how many replicas each expert gets",
            "start from one each; give each spare slot to the expert whose load per replica (load / replicas) is "
            "largest at that moment, the lower id on a tie (a loop, or heapq).",
            lambda: [("two spare slots", (torch.tensor([90.0, 30.0, 20.0, 10.0]), 6)),
@@ -426,7 +426,7 @@ def replicas_per_expert(load: torch.Tensor, num_slots: int) -> list:
     return replica_counts(load, num_slots)
 
 
-@_exercise("10.3", "which replica a pair goes to",
+@_exercise("11.3", "which replica a pair goes to",
            "slots of expert e = the flat slot ids p with placement.flatten()[p] == e, in order; the pairs of e "
            "on this rank, in (token, slot) order, take them in turn starting at replica number rank % count.",
            lambda: [("a hot expert on two ranks", (torch.tensor([[0, 1, 3], [2, 3, 3]]),
@@ -441,7 +441,7 @@ def replica_of_pair(placement: torch.Tensor, expert_ids: torch.Tensor, rank: int
     return Replicas(placement, int(placement.max()) + 1, rank, placement.shape[0]).physical(expert_ids)
 
 
-# ---------------------------------------------------------------- lesson 11
+# ---------------------------------------------------------------- lesson 12
 
 def _fp8_cases(seed: int):
     x = torch.randn(4, 256, generator=_g(seed)) * 3
@@ -450,7 +450,7 @@ def _fp8_cases(seed: int):
     return x
 
 
-@_exercise("11.1", "quantize rows to FP8, one power-of-two scale per tile",
+@_exercise("12.1", "quantize rows to FP8, one power-of-two scale per tile",
            "view the rows as [M, H / tile, tile]; amax of each tile; scale = 2 ** ceil(log2(amax / 448)), 1 where "
            "amax is 0; q = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn); return (q.float() as [M, H], "
            "scale [M, H / tile]).",
@@ -465,7 +465,7 @@ def fp8_quantize(x: torch.Tensor, tile: int):
     return q.float(), scale
 
 
-@_exercise("11.2", "dequantize FP8 rows",
+@_exercise("12.2", "dequantize FP8 rows",
            "each of the H / tile scales multiplies its tile of the row: view q as [M, H / tile, tile], multiply by "
            "scale[..., None], view back as [M, H].",
            lambda: [("tiles of 128", (*fp8_quantize(_fp8_cases(3), 128),)),
@@ -477,7 +477,7 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.view(M, scale.shape[1], H // scale.shape[1]) * scale.unsqueeze(-1)).view(M, H)
 
 
-@_exercise("11.3", "the bytes a rank's FP8 dispatch puts on the wire",
+@_exercise("12.3", "the bytes a rank's FP8 dispatch puts on the wire",
            "each row that goes to another rank carries H bytes of e4m3 values and 4 bytes per scale, one scale "
            "per tile channels; rows to this rank's own experts stay put. Count the rows per destination rank.",
            lambda: [("2 ranks", (torch.tensor([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128)),
@@ -490,9 +490,9 @@ def fp8_dispatch_bytes(expert_ids: torch.Tensor, num_experts: int, world_size: i
     return remote * (hidden + 4 * (hidden // tile))
 
 
-# ---------------------------------------------------------------- lesson 12
+# ---------------------------------------------------------------- lesson 14
 
-@_exercise("12.1", "the bytes of a static decode receive buffer",
+@_exercise("14.1", "the bytes of a static decode receive buffer",
            "each of the L = E / N local experts keeps a slot for every token of every rank: L · N · T rows of H "
            "values of bytes_per_value bytes each.",
            lambda: [("DeepSeek-V3 at 8 ranks", (256, 8, 128, 7168, 2)), ("64 ranks, FP8", (256, 64, 128, 7168, 1)),
@@ -505,7 +505,7 @@ def decode_buffer_bytes(num_experts: int, ranks: int, max_tokens: int, hidden: i
     return static_buffer_bytes(cfg, max_tokens, ranks, bytes_per_value)["bytes"]["static_received"]
 
 
-@_exercise("12.2", "the time of two micro-batches",
+@_exercise("14.2", "the time of two micro-batches",
            "each half takes half of each phase: dispatch a; then dispatch b beside experts a (the longer of the two); "
            "then combine a beside experts b; then combine b.",
            lambda: [("experts longer", (4.0, 6.0, 2.0)), ("communication longer", (10.0, 2.0, 8.0)),
@@ -523,7 +523,7 @@ def _cache_case(seed: int, S: int, start: int, max_len: int = 8):
     return q, k, v, cache_k, cache_v, start
 
 
-@_exercise("12.3", "a KV-cache attention step",
+@_exercise("14.3", "a KV-cache attention step",
            "write k, v into the caches at positions start .. start+S-1; keep the caches up to start+S; query i (at "
            "position start + i) may see keys 0 .. start + i: a boolean mask for F.scaled_dot_product_attention, "
            "or softmax(q·kᵀ/√d + mask)·v by hand. Return the output and both caches.",

@@ -115,7 +115,7 @@ def train(layer, task: ToyTask, steps: int, tokens: int, lr: float = 3e-3, aux_c
             # this rank's tokens only (the experts' gradients already came back from every rank through the
             # all-to-all): sum it, or the copies drift apart.
             all_reduce_grads(layer.replicated_parameters(), group)
-        if getattr(layer, "replicas", None) is not None:  # lesson 10: an expert's replicas saw different tokens
+        if getattr(layer, "replicas", None) is not None:  # lesson 11: an expert's replicas saw different tokens
             layer.sum_replica_grads()
         opt.step()
         if bias_rate:

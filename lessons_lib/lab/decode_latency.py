@@ -1,4 +1,4 @@
-"""Decode against prefill: the MoE layer's time per step from 1 to 16k tokens per rank (lesson 12).
+"""Decode against prefill: the MoE layer's time per step from 1 to 16k tokens per rank (lesson 15).
 
 Measured in one run, for the same layer (the all-to-all dispatcher, the grouped bank, no autograd):
   - `decode_times`: per-layer time of a decode step against tokens per rank, for the dynamic all-to-all (count
@@ -10,7 +10,7 @@ Measured in one run, for the same layer (the all-to-all dispatcher, the grouped 
   - `static_buffer_bytes`: what the worst-case buffers hold, against the dynamic path's typical and worst use.
 
 `python -m lessons_lib.lab.decode_latency --out images/decode_1xh200.json` (under torchrun) writes the record
-and its plot; lesson 12 runs the same functions on CPU ranks.
+and its plot; lesson 15 runs the same functions on CPU ranks.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def two_batch_times(cfg: MoEConfig, tokens=(256, 4096), device=None, steps: int 
 
 def two_batch_model_ms(dispatch_ms: float, experts_ms: float, combine_ms: float) -> float:
     """The time of a layer run as two micro-batches (`two_batch`) if each half takes half of each phase and an
-    exchange fully overlaps the computation beside it (lesson 12):
+    exchange fully overlaps the computation beside it (lesson 09):
 
         dispatch a, then dispatch b ‖ experts a, then combine a ‖ experts b, then combine b.
     Unsplit, the layer takes dispatch + experts + combine."""
@@ -219,7 +219,7 @@ def main(argv=None):
     if a.plot:
         return redraw_record(a.out, plot_record)
     device = init_from_torchrun("lessons_lib.lab.decode_latency")
-    # on CPU ranks, lesson 12's shape
+    # on CPU ranks, lesson 15's shape
     cfg = GPU_SHAPE if device.type == "cuda" else MoEConfig(num_experts=4 * dist.get_world_size(), top_k=2,
                                                              hidden_dim=256, ffn_dim=256, activation="swiglu")
     main_rank = dist.get_rank() == 0

@@ -8,7 +8,7 @@ over ranks, since each rank's router copy only sees its own tokens) and of every
 
 Adversarial routings are made by steering the router: every token carries a constant feature
 x[:, 0] = 1 (and rank 0's tokens a marker x[:, 1] = 1), and large weights on those features
-force the choices below while everything else stays random. The hash router (lesson 08) has no
+force the choices below while everything else stays random. The hash router (lesson 06) has no
 weight to steer: its token ids are picked instead, among ids whose hashed experts make the case.
 The replicated weights (router, shared expert) are compared with their gradients summed over ranks.
 """
@@ -32,8 +32,8 @@ ROUTINGS = {
     "one_expert": "every token's first choice is the last expert",
     "own_experts": "rank 0's tokens go to rank 0's experts only",
     "receives_nothing": "no token goes to the last rank's experts",
-    "remote_node": "rank 0's tokens go to the last node's experts only (lesson 09)",
-    "one_node": "every token goes to the first node's experts only (lesson 09)",
+    "remote_node": "rank 0's tokens go to the last node's experts only (lesson 10)",
+    "one_node": "every token goes to the first node's experts only (lesson 10)",
 }
 STEER = 30.0  # a logit offset that decides top-k outright (e^-30 ≈ 1e-13)
 
@@ -80,7 +80,7 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
 
 def adversarial_token_ids(cfg: MoEConfig, tokens_per_rank: list[int], routing: str, world_size: int,
                           seed: int = 0) -> torch.Tensor:
-    """[global T] token ids for the hash router (lesson 08) that make `routing`'s case: ids drawn from those
+    """[global T] token ids for the hash router (lesson 06) that make `routing`'s case: ids drawn from those
     whose k hashed experts satisfy it ("one_expert": every token the same id, so the same k experts)."""
     total = sum(tokens_per_rank)
     g = torch.Generator().manual_seed(seed + 1)
@@ -157,7 +157,7 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
     layer.load_full_state_dict(sd)
     replicated = layer.dispatcher.replicated_tokens
 
-    # a bank that rounds on purpose (lesson 11's FP8) is compared with itself on one device, else with the loop
+    # a bank that rounds on purpose (lesson 13's FP8) is compared with itself on one device, else with the loop
     reference = MoELayer(cfg, "local", "loop" if layer.experts.same_function_as_loop else experts).to(device)
     reference.load_full_state_dict(sd)
     x_ref = X.clone().requires_grad_()
@@ -181,7 +181,7 @@ def compare_with_single_device(cfg: MoEConfig, dispatcher: str, experts: str = "
         errors[f"grad_{name}"] = relative_error(grad, reference_params[name].grad)
     e = layer.experts.experts
     for name, p in layer.experts.named_parameters():  # this rank's part: its experts, or its slice of each
-        if layer.replicas is not None:  # lesson 10: each logical expert's gradient is the sum over its replicas
+        if layer.replicas is not None:  # lesson 11: each logical expert's gradient is the sum over its replicas
             errors[f"grad_experts.{name}"] = relative_error(layer.replicas.logical(p.grad, group),
                                                             getattr(reference.experts, name).grad)
             continue
@@ -262,7 +262,7 @@ def check_routings(cfg: MoEConfig, dispatcher: str, experts: str = "loop", group
 
 def compare_placement_training(cfg: MoEConfig, first, second, steps: int = 20, tokens: int = 12, group=None,
                                device=None) -> dict:
-    """Lesson 10: the same SGD run (with momentum, so the optimizer has state to move) of an all-to-all layer
+    """Lesson 11: the same SGD run (with momentum, so the optimizer has state to move) of an all-to-all layer
     without a placement and with placement `first`, moved to `second` halfway (`set_placement`). -> the worst
     relative difference of any slot's weights from its expert's weights in the run without, and the largest
     difference of any step's loss. Every rank of `group` calls it together."""
@@ -316,7 +316,7 @@ def rank_prompts(cfg: ModelConfig, rank: int, seed: int = 0) -> torch.Tensor:
 
 def compare_generation(cfg: ModelConfig, dispatcher: str, experts: str = "grouped", new_tokens: int = 32,
                        group=None, device=None, seed: int = 0) -> dict:
-    """Lesson 12: greedy generation with the MoE layers spread over `group` (each rank its own prompts,
+    """Lesson 14: greedy generation with the MoE layers spread over `group` (each rank its own prompts,
     `rank_prompts`) against the same model on one device generating from the same prompts.
 
     -> {"same_ids": every generated token equal on every rank, "logits": the worst relative error of the logits
@@ -336,7 +336,7 @@ def compare_generation(cfg: ModelConfig, dispatcher: str, experts: str = "groupe
 
 
 def main(argv=None):
-    """The proof of one dispatcher on the ranks and device torchrun gives (a GPU record: lesson 09's on one H200):
+    """The proof of one dispatcher on the ranks and device torchrun gives (a GPU record: lesson 10's on one H200):
 
         torchrun --standalone --nproc-per-node N -m lessons_lib.lab.equivalence --dispatcher hierarchical \\
             --ranks-per-node R --out images/hierarchical_1xh200.json

@@ -1,4 +1,4 @@
-"""What FP8 buys on one GPU (lesson 11): the expert GEMMs and the quantization of the dispatch rows.
+"""What FP8 buys on one GPU (lesson 13): the expert GEMMs and the quantization of the dispatch rows.
 
 At one EP = 2 rank's share of DeepSeek-V3's MoE (32 experts × 1024 rows, H 7168, F 2048, bf16), on one GPU:
 - `gemm_rates`: one grouped GEMM [32768, 7168] x [32, 7168, 2048], bf16 `torch._grouped_mm` against FP8

@@ -1,8 +1,8 @@
-"""How balanced hash routing is, on uniform and on Zipf-distributed token streams (lesson 08).
+"""How balanced hash routing is, on uniform and on Zipf-distributed token streams (lesson 06).
 
 A token stream is a sequence of token ids; each id has a fixed embedding (a random [V, H] table), which is what a
 learned router sees. Three routers route the same stream and we report the busiest expert's load over the mean:
-- "hash": lesson 08's hash of the token id;
+- "hash": lesson 06's hash of the token id;
 - "softmax_topk": lesson 01's router with its random initial weights (no training: what it does before learning);
 - "sigmoid_bias": lesson 06's DeepSeek-V3 router, its bias updated step by step on the stream
   (`update_expert_bias`), so it adapts to whatever the stream's frequencies are.

@@ -1,9 +1,9 @@
-"""What crosses between nodes (lesson 09): a routing's inter-node rows, flat and hierarchical, and their time.
+"""What crosses between nodes (lesson 10): a routing's inter-node rows, flat and hierarchical, and their time.
 
 Experts are placed contiguously, so node n owns experts n·E/P … (n+1)·E/P − 1. For the tokens of a rank on node
 `node`, one dispatch sends across the network
 - flat (lesson 03's all-to-all): one row per (token, slot) whose expert is on another node (`remote_pairs`);
-- hierarchical (lesson 09): one row per (token, other node holding any of its experts) (`remote_nodes`).
+- hierarchical (lesson 10): one row per (token, other node holding any of its experts) (`remote_nodes`).
 Combine sends as many rows back. Node-limited routing (`MoEConfig(router="sigmoid_bias", num_groups=P,
 topk_groups=M)`) caps the nodes a token reaches at M, so its hierarchical rows at M remote nodes (M − 1 when its
 own node is among them).

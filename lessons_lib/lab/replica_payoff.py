@@ -1,4 +1,4 @@
-"""What replicas buy and cost (lesson 10): the busiest rank's rows and step time before and after a placement, and
+"""What replicas buy and cost (lesson 11): the busiest rank's rows and step time before and after a placement, and
 the memory one replica takes.
 
 `skewed_layer_loads` steers a share of every rank's tokens to one expert (as lesson 06 steers them to one rank)
@@ -90,7 +90,7 @@ def step_time_with_placements(cfg: MoEConfig, tokens: int, hot_share: float, pla
 
 def grad_sum_times(cfg: MoEConfig, placement: torch.Tensor, steps: int = 10, warmup: int = 3, group=None,
                    device=None) -> dict:
-    """The two ways to sum the replicas' gradients (lesson 10), timed on one expert weight's gradient of each of
+    """The two ways to sum the replicas' gradients (lesson 11), timed on one expert weight's gradient of each of
     this rank's slots: {"replicated rows only": ..., "every expert": ...}, each {"rows", "bytes", "ms"}, where
     rows are those of the all-reduced buffer, bytes its size per rank and ms the median of the slowest rank. The
     first is what `MoELayer.sum_replica_grads` does (`Replicas.sum_over_replicas`); the second all-reduces an

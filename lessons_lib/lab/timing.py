@@ -61,7 +61,7 @@ def train_step_times(layer, tokens: int, steps: int = 30, warmup: int = 5, group
 
     collective: whether the ranks must agree on each step's time (default: when torch.distributed
     is initialized); every rank of `group` then has to call this together.
-    after_backward: called between backward and the optimizer step (lesson 10: `MoELayer.sum_replica_grads`).
+    after_backward: called between backward and the optimizer step (lesson 11: `MoELayer.sum_replica_grads`).
     """
     device = next(layer.parameters()).device
     dtype = layer.cfg.torch_dtype

@@ -1,4 +1,4 @@
-"""Greedy generation with a KV cache (lesson 12).
+"""Greedy generation with a KV cache (lesson 14).
 
     prefill: the whole prompt [B, P] in one forward, which fills the cache for positions 0..P-1;
     decode:  one token per sequence per step, at position P, P+1, …: each step reads the cache, adds one row.

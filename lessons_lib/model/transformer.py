@@ -1,4 +1,4 @@
-"""A small decoder-only MoE transformer, to read top to bottom (lesson 12).
+"""A small decoder-only MoE transformer, to read top to bottom (lesson 14).
 
     ids [B, S] -> embedding + position -> N × Block -> RMSNorm -> head -> logits [B, S, V]
     Block: x = x + attention(norm(x)); x = x + moe(norm(x))
@@ -9,7 +9,7 @@ it sees the B·S tokens of this rank's sequences as rows [T, H], and under EP it
 group. That is how DeepSeek-V3 is deployed (attention data-parallel, experts expert-parallel).
 
 Every weight is drawn from `ModelConfig.seed` (the MoE layers' from their own `MoEConfig` seeds, lesson 01's
-`init`), so the model built on any rank, and on one device, holds the same weights: lesson 12 checks that EP
+`init`), so the model built on any rank, and on one device, holds the same weights: lesson 14 checks that EP
 generation produces exactly the tokens of single-device generation.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Block(nn.Module):
     def forward(self, x_BSH, ids_BS, cache: KVCache | None = None, start: int = 0):
         B, S, H = x_BSH.shape
         x_BSH = x_BSH + self.attention(self.norm1(x_BSH), cache, self.i, start)
-        # the MoE layer takes rows: this rank's B·S tokens (the hash router, lesson 08, routes by their ids)
+        # the MoE layer takes rows: this rank's B·S tokens (the hash router, lesson 06, routes by their ids)
         y_TH, aux = self.moe(self.norm2(x_BSH).reshape(B * S, H), token_ids=ids_BS.reshape(B * S))
         return x_BSH + y_TH.view(B, S, H), aux
 

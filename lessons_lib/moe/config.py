@@ -15,7 +15,7 @@ ROUTERS = ("softmax_topk", "sigmoid_bias", "hash")
 DROP_POLICIES = ("probs", "position")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DISPATCH_DTYPES = ("float8_e4m3fn",)
-FP8_TILE = 128  # channels per scale of an FP8 dispatch row (lesson 11)
+FP8_TILE = 128  # channels per scale of an FP8 dispatch row (lesson 12)
 
 
 def _positive_int(name: str, value) -> None:
@@ -64,7 +64,7 @@ class MoEConfig:
     shared_ffn_dim: lesson 08. S, the inner width of a shared expert: a dense FFN (the layer's activation) that
         every token passes, added to the routed output, never dispatched (DeepSeek-V3: S = n_shared · F). None: none.
     shared_gate: multiply the shared expert's output by sigmoid(x·g), g [1, H] (Qwen2-MoE).
-    dispatch_dtype: lesson 11. None: dispatched rows travel in the layer's dtype. "float8_e4m3fn": each row is
+    dispatch_dtype: lesson 12. None: dispatched rows travel in the layer's dtype. "float8_e4m3fn": each row is
         quantized to FP8 with one scale per 128 channels (H must be a multiple of 128) for the dispatch, and
         dequantized where it arrives; the combine stays in the layer's dtype (DeepSeek-V3's choice).
     dtype: parameter dtype, "float32", "bfloat16" or "float16" (the router always scores in fp32).

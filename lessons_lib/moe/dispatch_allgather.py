@@ -36,7 +36,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 class _AllGather(torch.autograd.Function):
     """[P, ...] per rank -> [N·P, ...] on every rank; backward: reduce_scatter of the gradient.
-    wire (lesson 11): the rows travel encoded and arrive decoded; the gradient travels as it is."""
+    wire (lesson 12): the rows travel encoded and arrive decoded; the gradient travels as it is."""
 
     @staticmethod
     def forward(ctx, x, group, wire=None):
@@ -96,7 +96,7 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
 
     def __init__(self, cfg, group=None):
         super().__init__(cfg, group)
-        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8
+        self.wire = wire_for(cfg)  # lesson 12: None, or the rows travel in FP8
 
     def _first_exchange(self, counts_E: torch.Tensor, code: int) -> list[list[int]]:
         # Every rank's row count (to find the padding size) and input-error code.
@@ -109,7 +109,7 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         return every.tolist()
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
-        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 08)
+        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 09)
             beside()
         self.traffic = Traffic()
         H, N = x_TH.shape[1], self.world_size

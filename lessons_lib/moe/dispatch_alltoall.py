@@ -36,7 +36,7 @@ class AllToAll(torch.autograd.Function):
     forward: rank i sends in_splits[j] rows to rank j and receives out_splits[j] rows from it.
     backward: the gradient of each received row goes back to where the row came from, which
     is the same exchange with the two split lists swapped.
-    wire (lesson 11): the rows travel encoded (`wire.Fp8Wire`: FP8 values and their scales in one payload) and
+    wire (lesson 12): the rows travel encoded (`wire.Fp8Wire`: FP8 values and their scales in one payload) and
     arrive decoded; their gradient travels back as it is (straight-through).
     """
 
@@ -57,11 +57,11 @@ class AllToAll(torch.autograd.Function):
 
 
 class InFlight:
-    """The work handle an exchange leaves between `StartAllToAll` and `FinishAllToAll` (lesson 08), with the
+    """The work handle an exchange leaves between `StartAllToAll` and `FinishAllToAll` (lesson 09), with the
     tensors it reads and writes, which must stay alive until it is waited for."""
 
     def __init__(self, async_op: bool, wire=None):
-        self.async_op, self.wire = async_op, wire  # wire: the forward's rows travel encoded (lesson 11)
+        self.async_op, self.wire = async_op, wire  # wire: the forward's rows travel encoded (lesson 12)
         self.work, self.tensors = None, ()
 
     def start(self, out, x, out_splits, in_splits, group) -> None:
@@ -75,7 +75,7 @@ class InFlight:
 
 
 class StartAllToAll(torch.autograd.Function):
-    """The first half of `AllToAll`, for work in its shadow (lesson 08): forward starts the exchange and returns
+    """The first half of `AllToAll`, for work in its shadow (lesson 09): forward starts the exchange and returns
     its output buffer, filled once `FinishAllToAll` has waited; backward waits for the gradient's exchange that
     `FinishAllToAll.backward` started. Whatever autograd records between the two halves runs while the rows
     travel, in forward and (mirrored, as autograd runs later nodes first) in backward."""
@@ -169,7 +169,7 @@ def capturing() -> bool:
 class AllToAllDispatcher(ExpertParallelDispatcher):
     """Send each (token, slot) row only to the rank that owns its expert.
 
-    fixed_sizes (lesson 12's `static_decode`): with lesson 05's static shapes, take the split sizes from the
+    fixed_sizes (lesson 15's `static_decode`): with lesson 05's static shapes, take the split sizes from the
     capacity, as a CUDA graph's recording does: no count exchange, no host read. Nothing then tells the other
     ranks of a bad input, so only `StaticDecode`, which checks its input first, sets it, around its own passes.
     """
@@ -180,7 +180,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
 
     def __init__(self, cfg, group=None):
         super().__init__(cfg, group)
-        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8
+        self.wire = wire_for(cfg)  # lesson 12: None, or the rows travel in FP8
 
     def _first_exchange(self, counts_E: torch.Tensor, code: int, real_N: torch.Tensor | None = None) -> torch.Tensor:
         # Row r of what this rank sends to rank r: how many rows go to each of r's experts, how many
@@ -250,7 +250,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         return splits, list(splits), index.counts.new_full((N, L), C), [N * C] * L
 
     def combine(self, expert_out_MH: torch.Tensor, state: AllToAllState, beside=None) -> torch.Tensor:
-        """beside: work run while the results travel back (lesson 12's two micro-batches: the other half's
+        """beside: work run while the results travel back (lesson 09's two micro-batches: the other half's
         experts), as `dispatch` runs it while the rows travel out."""
         if state.ungroup_M is not None:  # back in the order received (a gather: several times faster than a scatter)
             expert_out_MH = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)
@@ -263,7 +263,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
 
     def _exchange(self, x, out_splits: list[int], in_splits: list[int], beside, wire=None) -> torch.Tensor:
         """The rows' all_to_all_single (differentiable), `beside` run while they travel. A rank alone in its group
-        has nowhere to send them: they are already where they go, and cost no copy (unless lesson 11's FP8 wire
+        has nowhere to send them: they are already where they go, and cost no copy (unless lesson 12's FP8 wire
         is to round them on the way, as it would between ranks)."""
         if self.world_size == 1 and wire is None:
             if beside is not None:
@@ -271,7 +271,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             return x
         if beside is None:
             return AllToAll.apply(x, out_splits, in_splits, self.group, wire)
-        return all_to_all_beside(x, out_splits, in_splits, self.group, beside, wire)  # lesson 08
+        return all_to_all_beside(x, out_splits, in_splits, self.group, beside, wire)  # lesson 09
 
     def _count(self, phase: str, row_bytes: int, sent: list, received: list, useful: list) -> None:
         """Bytes of rows sent to and received from other ranks (a rank's rows to itself stay put)."""

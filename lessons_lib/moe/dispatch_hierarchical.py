@@ -1,4 +1,4 @@
-"""Expert parallelism across nodes: a token crosses to each remote node once (lesson 09).
+"""Expert parallelism across nodes: a token crosses to each remote node once (lesson 10).
 
 Lesson 03 sends one row per (token, expert) pair straight to the rank that owns the expert, so a token whose k
 experts all live on one remote node crosses the network k times. Here the world is nodes × ranks_per_node
@@ -85,7 +85,7 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         # all_gather that every rank joins, before new_group, which would wait for ranks making other groups)
         self.topology = build_node_groups(R)
         self.experts_per_node = cfg.num_experts // self.topology.nodes
-        self.wire = wire_for(cfg)  # lesson 11: None, or the rows travel in FP8 on both hops
+        self.wire = wire_for(cfg)  # lesson 12: None, or the rows travel in FP8 on both hops
 
     def extra_repr(self) -> str:
         t = self.topology
@@ -151,7 +151,7 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         rows_WH = rows_VH[row_W]
         sizes = read_sizes()
         hop2_sent, hop2_received, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
-        # lesson 11: re-encoding rows that arrived in FP8 gives the same values back (`fp8`: power-of-two scales)
+        # lesson 12: re-encoding rows that arrived in FP8 gives the same values back (`fp8`: power-of-two scales)
         received_MH = AllToAll.apply(rows_WH, hop2_received, hop2_sent, t.intra_group, self.wire)
         local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
                                                  recv_counts_RL.flatten(), output_size=sum(hop2_received))

@@ -127,11 +127,11 @@ class LocalDispatcher(nn.Module):
         return f"all {self.cfg.num_experts} experts on this device"
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
-        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 08)
+        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 09)
             beside()
         index = rows_by_expert(routing, self.cfg)
         rows_RH = rows_of_pairs(x_TH, index)
-        if self.cfg.dispatch_dtype is not None:  # lesson 11: what an FP8 dispatch does to the rows, here
+        if self.cfg.dispatch_dtype is not None:  # lesson 12: what an FP8 dispatch does to the rows, here
             rows_RH = FakeQuantFP8.apply(rows_RH)
         return rows_RH, index.counts, LocalState(index, routing.weights)
 

@@ -56,12 +56,12 @@ class Dispatcher(Protocol):
     def dispatch(self, x_TH: torch.Tensor, routing: Routing,
                  beside=None) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """-> (rows_MH grouped by local expert, counts_L rows per local expert, state for combine).
-        beside: work that needs no communication (lesson 08's shared expert, `overlap.SharedBeside`), called once:
+        beside: work that needs no communication (lesson 09's shared expert, `overlap.SharedBeside`), called once:
         while the rows travel where the dispatcher can (the all-to-all), else first."""
 
     def combine(self, expert_out_MH: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """-> y_TH: each token's k results, weighted by the routing and summed. (The all-to-all's also takes
-        `beside`, run while the results travel: lesson 12's two micro-batches.)"""
+        `beside`, run while the results travel: lesson 09's two micro-batches.)"""
 
     def abort(self, code: int, message: str, device: torch.device) -> None:
         """Instead of dispatch, when this rank's input is bad: make the other ranks raise too, then raise."""

@@ -43,7 +43,7 @@ class ExpertBank(nn.Module):
     """
 
     path = "a loop over experts, one GEMM chain each"
-    same_function_as_loop = True  # False for a bank that rounds differently on purpose (lesson 11's FP8 bank)
+    same_function_as_loop = True  # False for a bank that rounds differently on purpose (lesson 13's FP8 bank)
 
     def __init__(self, cfg: MoEConfig, experts: range, ffn_slice: slice | None = None):
         super().__init__()
@@ -64,7 +64,7 @@ class ExpertBank(nn.Module):
         return weights[:, :, s].contiguous()
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 or w1, w2) as the GEMMs use them: the parameters here; lesson 11's FP4 bank dequantizes."""
+        """(w13 or w1, w2) as the GEMMs use them: the parameters here; lesson 13's FP4 bank dequantizes."""
         return getattr(self, first_weight_name(self.cfg)), self.w2
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""An expert bank with FP4 weights (lesson 11): DeepSeek-V4 stores its routed experts in FP4.
+"""An expert bank with FP4 weights (lesson 13): DeepSeek-V4 stores its routed experts in FP4.
 
 Weight-only: the weights are MXFP4 (`fp4`), the rows and the GEMMs stay in the layer's dtype. Right before each
 forward the bank dequantizes its weights and runs lesson 04's grouped GEMM on them. Two states:

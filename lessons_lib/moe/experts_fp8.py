@@ -1,9 +1,9 @@
-"""An expert bank whose grouped GEMMs run in FP8 (lesson 11).
+"""An expert bank whose grouped GEMMs run in FP8 (lesson 13).
 
 Each GEMM multiplies e4m3 rows by e4m3 weights and accumulates in fp32: the rows get one scale each (row-wise),
 the weights one per output column of each expert (column-wise), and the product is rescaled by both,
 out[m, n] = (q_x[m] · q_w[:, n]) · s_x[m] · s_w[n]. On a Hopper GPU that is `torch._scaled_grouped_mm`, which
-runs faster than the bf16 grouped GEMM (lesson 11's record). Elsewhere the bank computes the same
+runs faster than the bf16 grouped GEMM (lesson 13's record). Elsewhere the bank computes the same
 numbers the slow way (quantize, dequantize, grouped GEMM in fp32), so a CPU checks the same arithmetic.
 
 Only the forward runs in FP8. The backward multiplies in the layer's dtype with the unquantized rows and weights,
@@ -135,7 +135,7 @@ class Fp8Experts(GroupedExperts):
     """The grouped bank of lesson 04 with its GEMMs in FP8; `.path` says whether the kernel ran or the emulation."""
 
     same_function_as_loop = False  # it rounds to FP8: the single-device reference must run this bank too
-    emulate = False  # True: the emulation even where the kernel runs (lesson 11's record compares the two)
+    emulate = False  # True: the emulation even where the kernel runs (lesson 13's record compares the two)
     fast_accum = True  # the kernel's fast accumulation in the forward GEMMs (the record measures both)
 
     def __init__(self, cfg, experts: range, ffn_slice: slice | None = None):

@@ -1,4 +1,4 @@
-"""FP4 numbers: MXFP4 weights, e2m1 values with one power-of-two scale per block of 32 (lesson 11).
+"""FP4 numbers: MXFP4 weights, e2m1 values with one power-of-two scale per block of 32 (lesson 13).
 
 e2m1 has 2 exponent bits and 1 mantissa bit: the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4 and 6, and a sign. That is too
 coarse for activations but workable for weights, whose values are fixed and can be scaled block by block: the OCP

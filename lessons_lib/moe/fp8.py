@@ -1,4 +1,4 @@
-"""FP8 numbers: quantizing rows to e4m3 with one scale per tile of channels (lesson 11).
+"""FP8 numbers: quantizing rows to e4m3 with one scale per tile of channels (lesson 12).
 
 float8_e4m3fn has 4 exponent bits and 3 mantissa bits: values up to ±448, about 2 significant decimal digits.
 A row of activations is quantized tile by tile: each tile of `tile` channels gets one fp32 scale, chosen so that
@@ -10,7 +10,7 @@ activation tiles) an outlier only costs its own tile.
 
 The scales here are powers of two, 2^ceil(log2(amax / 448)). Multiplying and dividing by a power of two is exact,
 so quantizing a row that was already quantized and dequantized gives the same values back: a dispatcher that
-forwards rows over two hops (lesson 09) can re-encode them without changing a bit. The price is at most one bit of
+forwards rows over two hops (lesson 10) can re-encode them without changing a bit. The price is at most one bit of
 range in the worst tile compared with the exact scale amax / 448.
 
 Shapes: x_MH [M rows, H channels], tiles of size `tile` along H (H divisible by it), scales [M, H / tile].

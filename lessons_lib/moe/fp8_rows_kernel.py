@@ -1,4 +1,4 @@
-"""A Triton kernel that quantizes whole rows to FP8 in one pass, optionally applying the activation first (lesson 11).
+"""A Triton kernel that quantizes whole rows to FP8 in one pass, optionally applying the activation first (lesson 13).
 
 The FP8 bank quantizes the rows of each GEMM with one scale per row. `fp8.quantize_fp8` does it in plain ops, and
 torch.compile fuses those into one kernel; but for a row of 7168 channels the compiled kernel loops over the row
@@ -9,7 +9,7 @@ activation ever going to memory in bf16.
 
 It computes what the plain ops compute: the activation rounded to bf16 as the eager ops round it, the same
 power-of-two scale (found from the bits of amax / 448, which is exact), the same round-to-nearest into e4m3.
-Used for bf16 rows on a GPU where Triton is installed; elsewhere the bank uses the plain ops. Lesson 11's record
+Used for bf16 rows on a GPU where Triton is installed; elsewhere the bank uses the plain ops. Lesson 13's record
 compares the two on an H200.
 """
 from __future__ import annotations

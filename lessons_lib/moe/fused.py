@@ -92,7 +92,7 @@ def weighted_sum_rows_backward(grad_TH, rows_RH, row_of_pair_Tk, weights_Tk, tok
     g = wide(grad_TH.index_select(0, token_R))
     R, H = rows_RH.shape
     # the dot products as a batched matmul, which sums in the order lesson 01's bmm combine did: an FP8 bank
-    # compared with itself (lesson 11) rounds differently when the weights' gradients move by an ulp
+    # compared with itself (lesson 13) rounds differently when the weights' gradients move by an ulp
     dot_R = torch.bmm(g.view(R, 1, H), wide(rows_RH).view(R, H, 1)).view(R)
     grad_weights = dot_R.index_select(0, row_of_pair_Tk.flatten()).view(row_of_pair_Tk.shape)  # (token, slot) order
     return (g * wide(weight_R).unsqueeze(-1)).to(rows_RH.dtype), grad_weights

@@ -1,4 +1,4 @@
-"""Hash routing: each token's experts come from a fixed hash of its token id (lesson 08).
+"""Hash routing: each token's experts come from a fixed hash of its token id (lesson 06).
 
 Hash layers (Roller et al., 2021; DeepSeek-V4 uses them in its first MoE layers) learn nothing about routing:
 token id v goes to the k experts with the largest hash(seed, v, e) over e = 0 … E−1, so they are k distinct

@@ -5,11 +5,11 @@
 Each lesson swaps one part by name: lessons 02, 03 and 07 the dispatcher (what every dispatcher
 provides: `dispatcher.Dispatcher`), lesson 04 the expert bank, lesson 06 the router (`cfg.router`).
 Lesson 05's capacity is a config option that every dispatcher honours (`dispatch_local.rows_by_expert`).
-Lesson 08 adds the shared expert (`shared_expert`), run while the dispatch's rows travel (`overlap`), and the
-hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 09's dispatcher crosses nodes once per
-(token, node): `MoELayer(cfg, "hierarchical", ranks_per_node=R)`. Lesson 12 puts the layer inside a model
-(`lessons_lib.model`) and runs its decode steps with fixed sizes (`static_decode`) or as two micro-batches
-(`two_batch`).
+Lesson 06 adds the hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 08 adds the shared
+expert (`shared_expert`); lesson 09 runs it while the dispatch's rows travel (`overlap`), and runs a layer as two
+micro-batches (`two_batch`). Lesson 10's dispatcher crosses nodes once per (token, node):
+`MoELayer(cfg, "hierarchical", ranks_per_node=R)`. Lesson 14 puts the layer inside a model (`lessons_lib.model`),
+and lesson 15 runs its decode steps with fixed sizes (`static_decode`).
 `MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .tensor_parallel import TensorParallelDispatcher
 ROUTERS: dict[str, type[nn.Module]] = {  # chosen by cfg.router
     "softmax_topk": TopKRouter,  # lesson 01: Mixtral / Qwen-MoE
     "sigmoid_bias": SigmoidBiasRouter,  # lesson 06: DeepSeek-V3
-    "hash": HashRouter,  # lesson 08: hash layers (DeepSeek-V4's first layers)
+    "hash": HashRouter,  # lesson 06: hash layers (DeepSeek-V4's first layers)
 }
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
@@ -52,14 +52,14 @@ DISPATCHERS: dict[str, type[nn.Module]] = {
     "allgather": AllGatherDispatcher,  # lesson 02: expert parallel, padded all_gather
     "alltoall": AllToAllDispatcher,  # lesson 03: expert parallel, all_to_all_single
     "tp": TensorParallelDispatcher,  # lesson 07: tensor parallel, for comparison
-    "hierarchical": HierarchicalDispatcher,  # lesson 09: across nodes, once per (token, node)
+    "hierarchical": HierarchicalDispatcher,  # lesson 10: across nodes, once per (token, node)
 }
 EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "loop": LoopExperts,  # lesson 01: one expert after the other
     "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
     "grouped": GroupedExperts,  # lesson 04: one grouped GEMM over variable-size groups
-    "fp8": Fp8Experts,  # lesson 11: the grouped GEMMs in FP8
-    "fp4": Fp4Experts,  # lesson 11: FP4 (MXFP4) weights, dequantized before each GEMM
+    "fp8": Fp8Experts,  # lesson 13: the grouped GEMMs in FP8
+    "fp4": Fp4Experts,  # lesson 13: FP4 (MXFP4) weights, dequantized before each GEMM
 }
 
 
@@ -104,14 +104,14 @@ class MoELayer(nn.Module):
     group: the process group of a parallel dispatcher, EP or TP (None: all ranks);
         "local" takes none.
 
-    overlap: lesson 08, with a shared expert (cfg.shared_ffn_dim): run it while the dispatch's rows travel
+    overlap: lesson 09, with a shared expert (cfg.shared_ffn_dim): run it while the dispatch's rows travel
         (`overlap.SharedBeside`); False runs the same steps without overlap, to compare.
-    ranks_per_node: lesson 09's "hierarchical" dispatcher, the world as nodes × ranks_per_node (None: torchrun's
+    ranks_per_node: lesson 10's "hierarchical" dispatcher, the world as nodes × ranks_per_node (None: torchrun's
         LOCAL_WORLD_SIZE).
 
     The forward is four steps, each a method (the benchmark times them one by one):
     route -> dispatch -> run_experts -> combine, and with a shared expert (lesson 08) y += shared(x).
-    token_ids [T]: the tokens' ids, which the hash router (lesson 08) routes by; the other routers ignore them.
+    token_ids [T]: the tokens' ids, which the hash router (lesson 06) routes by; the other routers ignore them.
     """
 
     def __init__(self, cfg: MoEConfig, dispatcher: str = "local", experts: str = "loop", group=None,
@@ -121,12 +121,12 @@ class MoELayer(nn.Module):
         self.overlap = overlap
         kind = _pick("dispatcher", dispatcher, DISPATCHERS)
         if ranks_per_node is not None and dispatcher != "hierarchical":
-            raise ValueError(f"ranks_per_node is for dispatcher 'hierarchical' (lesson 09), not {dispatcher!r}")
+            raise ValueError(f"ranks_per_node is for dispatcher 'hierarchical' (lesson 10), not {dispatcher!r}")
         extra = {"ranks_per_node": ranks_per_node} if dispatcher == "hierarchical" else {}
         self.replicas, slots_cfg = None, cfg
-        if placement is not None:  # lesson 10: the dispatcher and the bank see one "expert" per physical slot
+        if placement is not None:  # lesson 11: the dispatcher and the bank see one "expert" per physical slot
             if dispatcher != "alltoall" or cfg.capacity_factor is not None:
-                raise ValueError("a placement (lesson 10) needs dispatcher 'alltoall' and no capacity_factor")
+                raise ValueError("a placement (lesson 11) needs dispatcher 'alltoall' and no capacity_factor")
             self.replicas = Replicas(placement, cfg.num_experts, *rank_and_size(group))
             slots_cfg = dataclasses.replace(cfg, num_experts=len(self.replicas.slot_expert), router="softmax_topk",
                                             num_groups=1, topk_groups=None, routed_scaling_factor=1.0)
@@ -154,8 +154,8 @@ class MoELayer(nn.Module):
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside: SharedBeside | None = None):
         """Step 2: the rows of this rank's experts, grouped by local expert -> (rows_MH, counts_L, state);
-        `beside` (lesson 08's shared expert) runs while they travel."""
-        if self.replicas is not None:  # lesson 10: each pair goes to one replica of its expert
+        `beside` (lesson 09's shared expert) runs while they travel."""
+        if self.replicas is not None:  # lesson 11: each pair goes to one replica of its expert
             routing = dataclasses.replace(routing, expert_ids=self.replicas.physical(routing.expert_ids))
         return self.dispatcher.dispatch(x_TH, routing, beside)
 
@@ -166,7 +166,7 @@ class MoELayer(nn.Module):
 
     def combine(self, expert_out_MH: torch.Tensor, state: DispatchState, beside=None) -> torch.Tensor:
         """Step 4: the results back to their tokens, weighted and summed -> y_TH. `beside`: work run while the
-        results travel (the all-to-all only: lesson 12's two micro-batches, `two_batch`)."""
+        results travel (the all-to-all only: lesson 09's two micro-batches, `two_batch`)."""
         if beside is None:
             return self.dispatcher.combine(expert_out_MH, state)
         return self.dispatcher.combine(expert_out_MH, state, beside)
@@ -221,14 +221,14 @@ class MoELayer(nn.Module):
             got = (f"{list(token_ids.shape)} {token_ids.dtype} on {token_ids.device}"
                    if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
             return 4, f"MoELayer token_ids must be an integer tensor [tokens={x.shape[0]}] on {device}, got {got}"
-        # reading the minimum waits for the GPU, which a CUDA graph's recording cannot (lesson 12's StaticDecode)
+        # reading the minimum waits for the GPU, which a CUDA graph's recording cannot (lesson 15's StaticDecode)
         if token_ids.numel() and not capturing() and int(token_ids.min()) < 0:
             return 4, "MoELayer token_ids must be >= 0"
         return None
 
     @torch.no_grad()
     def sum_replica_grads(self) -> None:
-        """Lesson 10: the replicas of one expert saw different tokens; give each the sum of all its replicas'
+        """Lesson 11: the replicas of one expert saw different tokens; give each the sum of all its replicas'
         gradients, so that the same optimizer step keeps them equal. One all-reduce per weight over the group,
         of a buffer with a row per replicated expert only (`Replicas.sum_over_replicas`)."""
         if self.replicas is None:
@@ -239,7 +239,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def set_placement(self, placement: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Lesson 10: move to a new placement between steps, as a deployment does when the load shifts. Every
+        """Lesson 11: move to a new placement between steps, as a deployment does when the load shifts. Every
         slot gets its new expert's weights (and, given the optimizer, that expert's optimizer state), taken from
         the expert's first replica under the old placement. Every rank of the group calls it together."""
         if self.replicas is None:
@@ -273,7 +273,7 @@ class MoELayer(nn.Module):
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
             if name.startswith("experts."):
-                if self.replicas is not None:  # lesson 10: every slot holds its logical expert's weights
+                if self.replicas is not None:  # lesson 11: every slot holds its logical expert's weights
                     full = full[self.replicas.slot_expert.to(full.device)]
                 mine = self.experts.experts
                 full = self.experts.shard(name.removeprefix("experts."), full[mine.start : mine.stop])

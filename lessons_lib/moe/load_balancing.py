@@ -81,7 +81,7 @@ class SigmoidBiasRouter(nn.Module):
 def router_z_loss(routing: Routing) -> torch.Tensor:
     """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)². Penalizes large logits,
     which make the softmax (and bf16 rounding of it) brittle; it does not balance anything."""
-    if routing.logits is None:  # no scores (lesson 08's hash router): nothing to keep small
+    if routing.logits is None:  # no scores (lesson 06's hash router): nothing to keep small
         return routing.weights.new_zeros(())
     if routing.logits.shape[0] == 0:
         return routing.logits.sum() * 0.0

@@ -1,4 +1,4 @@
-"""The shared expert in the shadow of the dispatch (lesson 08).
+"""The shared expert in the shadow of the dispatch (lesson 09).
 
 The shared expert needs no communication, so it can run while the dispatch's rows are on the wire:
 

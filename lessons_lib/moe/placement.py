@@ -1,4 +1,4 @@
-"""Redundant experts: which logical expert each physical slot holds (lesson 10).
+"""Redundant experts: which logical expert each physical slot holds (lesson 11).
 
 Under EP the busiest rank sets the pace (lesson 06). What balancing leaves over, a deployment evens out by giving
 the hottest experts extra replicas and placing the replicas so that every rank carries about the same load; an
@@ -12,7 +12,7 @@ expert's tokens are split evenly over its replicas. `place_experts` does it in t
    when no other is free. Largest-first greedy packing is a classic heuristic for minimising the busiest bin
    (Graham's LPT rule).
 
-With `ranks_per_node` (lesson 09) experts stay on their node: node n keeps its contiguous block of experts (so
+With `ranks_per_node` (lesson 10) experts stay on their node: node n keeps its contiguous block of experts (so
 node-limited routing still reaches them within M nodes) and both steps run inside each node, over its slots and
 ranks. DeepSeek's open EPLB balances its hierarchical variant the same way round (groups to nodes, then replicas
 and GPUs inside each node); this is the course's own, simpler version.
@@ -101,7 +101,7 @@ def rank_loads(placement: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
 
 
 def contiguous_placement(num_experts: int, num_ranks: int) -> torch.Tensor:
-    """The course's placement until lesson 10: rank r holds experts r·E/N … (r+1)·E/N − 1, one slot each."""
+    """The course's placement until lesson 11: rank r holds experts r·E/N … (r+1)·E/N − 1, one slot each."""
     if num_experts % num_ranks:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
     return torch.arange(num_experts).view(num_ranks, -1)
@@ -189,7 +189,7 @@ class Replicas:
 
     def sum_over_replicas(self, slot_tensor: torch.Tensor, group=None) -> torch.Tensor:
         """This rank's [S, ...] with every slot of a replicated expert replaced by the sum over all of that
-        expert's replicas (their gradients, lesson 10's training); single copies are left as they are. One
+        expert's replicas (their gradients, lesson 11's training); single copies are left as they are. One
         all-reduce of a buffer with a row per replicated expert only, and none when nothing is replicated."""
         import torch.distributed as dist
 

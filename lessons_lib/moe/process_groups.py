@@ -1,4 +1,4 @@
-"""Which ranks talk to which: expert parallelism × data parallelism (lesson 07), and nodes (lesson 09).
+"""Which ranks talk to which: expert parallelism × data parallelism (lesson 07), and nodes (lesson 10).
 
 With W ranks and EP size e, the W ranks form W/e expert-parallel groups of e consecutive ranks;
 each EP group holds one full copy of the experts, spread over its e ranks. Ranks that hold the
@@ -52,7 +52,7 @@ def sync_gradients(layer, groups: EPDPGroups) -> None:
     all_reduce_grads(layer.replicated_parameters())
 
 
-# ---------------------------------------------------------------- lesson 09: nodes
+# ---------------------------------------------------------------- lesson 10: nodes
 
 @dataclass
 class NodeGroups:

@@ -22,7 +22,7 @@ class Routing:
     expert_ids: [T, k] int64, the chosen experts of each token, best first.
     weights: [T, k] fp32, the weight of each chosen expert in the token's output.
     probs: [T, E] fp32, the router's full probability distribution (for the losses); None for a router that
-        scores nothing (lesson 08's hash router).
+        scores nothing (lesson 06's hash router).
     logits: [T, E] fp32, the raw scores (None likewise).
     """
 
@@ -72,7 +72,7 @@ class TopKRouter(nn.Module):
         return f"E={c.num_experts}, top_k={c.top_k}, norm_topk_prob={c.norm_topk_prob}"
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
-        """token_ids: unused; every router takes them, the hash router (lesson 08) needs them."""
+        """token_ids: unused; every router takes them, the hash router (lesson 06) needs them."""
         # Scores in fp32: a bf16 softmax over many experts flips near-ties in top-k.
         logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
@@ -93,7 +93,7 @@ def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
     whatever k is. (Switch uses k = 1; HF's Mixtral version is k times this value.)
     Its gradient pushes probability away from the experts that get the most tokens.
     """
-    if routing.probs is None:  # a router with nothing to learn (lesson 08's hash router): no loss
+    if routing.probs is None:  # a router with nothing to learn (lesson 06's hash router): no loss
         return routing.weights.new_zeros(())
     T = routing.probs.shape[0]
     if T == 0:

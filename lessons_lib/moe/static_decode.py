@@ -1,4 +1,4 @@
-"""Decode with worst-case buffers: fixed shapes, no count exchange, no host read (lesson 12).
+"""Decode with worst-case buffers: fixed shapes, no count exchange, no host read (lesson 15).
 
 A decode step hands the MoE layer a few rows per rank. Lesson 03's all-to-all then spends most of its time not
 moving rows but agreeing on how many: one all-to-all of the counts, and a host read of the split sizes, before
@@ -17,7 +17,7 @@ rank, padded to max_tokens. With no count exchange nothing can tell the other ra
 be checked is checked once, at construction, on every rank together (the same max_tokens everywhere); a call's
 input is checked before anything is sent and copied into the fixed buffer, and a wrong one raises on its rank
 only, before any collective (every rank of an SPMD decode loop passes the same kind of input, so all raise
-alike). The hash router's token ids (lesson 08) are checked there too, which costs the one host read of them.
+alike). The hash router's token ids (lesson 06) are checked there too, which costs the one host read of them.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class StaticDecode:
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        ids = self.ids_T if self.layer.cfg.router == "hash" else None  # only the hash router (lesson 08) reads ids
+        ids = self.ids_T if self.layer.cfg.router == "hash" else None  # only the hash router (lesson 06) reads ids
         dispatcher = self.layer.dispatcher
         dispatcher.fixed_sizes = True
         try:  # the buffers were checked when filled: the layer's own check of them cannot fail

@@ -105,7 +105,7 @@ class TensorParallelDispatcher(nn.Module):
         return int(flag.item())
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing, beside=None):
-        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 08)
+        if beside is not None:  # nothing of ours in flight to hide it behind (lesson 09)
             beside()
         self.traffic = Traffic()
         if self._first_exchange(0, x_TH.device):

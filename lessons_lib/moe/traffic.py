@@ -24,7 +24,7 @@ class Traffic:
 
     Backward sends the row gradients back through the mirror-image collectives: the combine
     phase's amount again, and the dispatch phase's rows when the input needs a gradient (in the layer's dtype even
-    where the dispatch went in FP8, lesson 11); the sizes, counts and metadata are not exchanged again."""
+    where the dispatch went in FP8, lesson 12); the sizes, counts and metadata are not exchanged again."""
 
     phases: dict = field(default_factory=dict)  # name -> PhaseBytes
 

@@ -1,4 +1,4 @@
-"""Two micro-batches: one half's experts run while the other half's rows travel (lesson 12).
+"""Two micro-batches: one half's experts run while the other half's rows travel (lesson 09).
 
 A step's T tokens are split into halves a and b. With lesson 03's all-to-all, one half's communication can
 hide behind the other half's computation (DeepSeek's two-batch overlap; SGLang's TBO does it per layer):
@@ -8,7 +8,7 @@ hide behind the other half's computation (DeepSeek's two-batch overlap; SGLang's
 (‖: runs while the exchange on its left is in flight.) Each half is routed, dispatched and combined exactly as
 the whole step would be: in a dropless layer a token's output does not depend on the other tokens, so the split
 output equals the unsplit layer's (with capacity, lesson 05, each half would have its own C: refused).
-The work beside each exchange is handed over as lesson 08's shared expert is (`overlap.SharedBeside`: gloo's
+The work beside each exchange is handed over as lesson 09's shared expert is (`overlap.SharedBeside`: gloo's
 exchange is started with async_op and waited for after; on a GPU the work runs on a side stream).
 For inference (no autograd); with a shared expert, it runs beside the first half's dispatch.
 """

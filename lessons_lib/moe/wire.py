@@ -1,6 +1,6 @@
-"""What a dispatched row travels as (lesson 11).
+"""What a dispatched row travels as (lesson 12).
 
-Lessons 02-10 send each row as it is: H values in the layer's dtype, 2·H bytes in bf16. DeepSeek-V3 sends the
+Lessons 02-11 send each row as it is: H values in the layer's dtype, 2·H bytes in bf16. DeepSeek-V3 sends the
 dispatch in FP8 instead: each row quantized to e4m3 with one fp32 scale per 128 channels (`fp8`), H + 4·H/128
 bytes, about 0.52 of bf16. The combine comes back in the layer's dtype: its rows are sums the next layer reads,
 and the weighted sum of k of them would compound the rounding.

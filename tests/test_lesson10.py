@@ -1,4 +1,4 @@
-"""Lesson 09: EP across nodes, the hierarchical dispatcher against the single-device layer."""
+"""Lesson 10: EP across nodes, the hierarchical dispatcher against the single-device layer."""
 import pytest
 
 from launcher import run_script
