@@ -10,8 +10,9 @@ Modes (params["mode"]):
   overlap_bitwise: the shared expert overlapped with the dispatch computes bit for bit what it computes without;
   fp8_dispatch: lesson 12's FP8 dispatch behind every dispatcher that sends rows, against the single-device layer with
     the same quantization, and its counted bytes; fp4_bank: lesson 13's FP4 bank against itself on one device;
-  generation: lesson 14's generation of the MoE transformer with its MoE layers over the ranks against one device; two
-    micro-batches and the static decode path against the layer whole; a bad generate() argument on one rank.
+  generation: lesson 14's generation of the MoE transformer with its MoE layers over the ranks against one device; a
+    bad generate() argument on one rank;
+  two_batch, static: lesson 09's two micro-batches and lesson 15's static decode path against the layer whole.
 """
 import os
 
@@ -94,6 +95,8 @@ def shared_block_cases(N):
                "shared gated, swiglu": MoEConfig(**base, activation="swiglu", shared_ffn_dim=24, shared_gate=True),
                "hash": MoEConfig(**base, activation="swiglu", router="hash"),
                "hash, shared gated": MoEConfig(**base, router="hash", shared_ffn_dim=8, shared_gate=True),
+               "table, shared": MoEConfig(**base, activation="swiglu", router="table", vocab_size=5000,
+                                          routed_scaling_factor=1.5, shared_ffn_dim=8),
                "deepseek: sigmoid_bias + shared": MoEConfig(**base, activation="swiglu", router="sigmoid_bias",
                                                             num_groups=4, topk_groups=2, routed_scaling_factor=2.5,
                                                             shared_ffn_dim=32)}
@@ -288,26 +291,24 @@ def generation_configs(N):
             "hash": ModelConfig(MoEConfig(**moe, router="hash", activation="swiglu"), vocab_size=64, max_seq_len=48)}
 
 
-def generation(rank, world_size, device):
-    from lessons_lib.lab.equivalence import compare_generation, relative_error
-    from lessons_lib.model import ModelConfig, MoETransformer, generate
+def whole_layer_paths(rank, world_size, device, path: str):
+    """Lesson 09's two micro-batches (path "two_batch") or lesson 15's static decode (path "static") against the
+    layer run whole, on adversarial cases: uneven and empty ranks, one token, top_k = E, a gated shared expert, and
+    lesson 06's routers by token id."""
+    from lessons_lib.lab.equivalence import relative_error
     from lessons_lib.moe.capacity import static_dropless
     from lessons_lib.moe.static_decode import StaticDecode
     from lessons_lib.moe.two_batch import two_batch_forward
 
     GroupedExperts.use_reference_kernel = True
-    out = {"generation": [], "two_batch": [], "static": []}
-    for name, cfg in generation_configs(world_size).items():
-        for dispatcher in ("allgather", "alltoall", "hierarchical"):
-            for bank in ("loop", "grouped"):
-                r = compare_generation(cfg, dispatcher, bank, new_tokens=32, device=device)
-                out["generation"].append({"config": name, "dispatcher": dispatcher, "experts": bank, **r})
     base = dict(num_experts=2 * world_size, top_k=2, hidden_dim=32, ffn_dim=64, activation="swiglu")
     cases = {"random": (MoEConfig(**base), [9, 4, 13, 6]), "one token": (MoEConfig(**base), [1, 1, 1, 1]),
              "a rank with zero tokens": (MoEConfig(**base), [0, 7, 3, 0]),
              "shared, gated": (MoEConfig(**base, shared_ffn_dim=32, shared_gate=True), [8, 5, 2, 11]),
              "hash": (MoEConfig(**base, router="hash"), [8, 5, 2, 11]),
+             "table": (MoEConfig(**base, router="table", vocab_size=1000, routed_scaling_factor=1.5), [3, 8, 1, 5]),
              "top_k = E": (MoEConfig(**{**base, "top_k": base["num_experts"]}), [6, 3, 5, 1])}
+    out = []
     for name, (cfg, tokens) in cases.items():
         T = tokens[rank % 4]
         g = torch.Generator().manual_seed(rank)
@@ -316,11 +317,28 @@ def generation(rank, world_size, device):
         layer = MoELayer(cfg, "alltoall", "grouped").to(device)
         with torch.no_grad():
             whole = layer(x, token_ids=ids)[0]
-        for overlap in (True, False):
-            split = two_batch_forward(layer, x, ids, overlap=overlap)
-            out["two_batch"].append({"case": name, "overlap": overlap, "error": relative_error(split, whole)})
-        static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped").to(device), max(tokens))
-        out["static"].append({"case": name, "error": relative_error(static(x, ids), whole)})
+        if path == "two_batch":
+            for overlap in (True, False):
+                split = two_batch_forward(layer, x, ids, overlap=overlap)
+                out.append({"case": name, "overlap": overlap, "error": relative_error(split, whole)})
+        else:
+            static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped").to(device), max(tokens))
+            out.append({"case": name, "error": relative_error(static(x, ids), whole)})
+    return out
+
+
+def generation(rank, world_size, device):
+    from lessons_lib.lab.equivalence import compare_generation
+    from lessons_lib.model import ModelConfig, MoETransformer, generate
+
+    GroupedExperts.use_reference_kernel = True
+    out = {"generation": []}
+    for name, cfg in generation_configs(world_size).items():
+        for dispatcher in ("allgather", "alltoall", "hierarchical"):
+            for bank in ("loop", "grouped"):
+                r = compare_generation(cfg, dispatcher, bank, new_tokens=32, device=device)
+                out["generation"].append({"config": name, "dispatcher": dispatcher, "experts": bank, **r})
+    base = dict(num_experts=2 * world_size, top_k=2, hidden_dim=32, ffn_dim=64, activation="swiglu")
     cfg = ModelConfig(MoEConfig(**base), vocab_size=64, max_seq_len=16)
     model = MoETransformer(cfg, "alltoall", "grouped").to(device)
     # what rank 1 passes; the other ranks pass a good prompt and ask for 4 tokens
@@ -400,6 +418,14 @@ def main():
                     result.append({"dispatcher": dispatcher, "case": f"{case}, wire {wire}", "errors": errors})
     elif p["mode"] == "generation":
         result = generation(rank, world_size, device)
+    elif p["mode"] == "overlap_saving":  # lesson 09, quickly: an exchange longer than the forward it hides
+        from lessons_lib.lab.emulated_link import EmulatedLink
+        from lessons_lib.lab.overlap_saving import overlap_saving
+
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=128, ffn_dim=16, shared_ffn_dim=1024)
+        result = overlap_saving(cfg, 256, EmulatedLink(0.02, 200), rounds=2, pairs=12, device=device)
+    elif p["mode"] in ("two_batch", "static"):
+        result = whole_layer_paths(rank, world_size, device, p["mode"])
     elif p["mode"] == "overlap_bitwise":
         result = overlap_bitwise(rank, world_size, device)
     elif p["mode"] == "hash_bad_ids":  # one rank forgets its token ids, or passes a wrong shape: every rank stops

@@ -14,12 +14,14 @@ from lessons_lib.course.exercises import EXERCISES
 SINGLE_PROCESS = [k for k in EXERCISES if not EXERCISES[k].collective]  # 03.3 and 10.3 need ranks: below
 
 
-def test_every_lesson_from_01_on_has_two_or_three_exercises():
+def test_every_lesson_from_01_to_15_has_two_or_three_exercises():
+    """Lesson 06 has four: hash routing joined it in course v2, with its exercise."""
     per_lesson = {}
     for key in EXERCISES:
         per_lesson[key[:2]] = per_lesson.get(key[:2], 0) + 1
-    assert sorted(per_lesson) == ["01", "02", "03", "04", "05", "06", "07", "08", "10", "11", "12", "14"]
-    assert all(2 <= n <= 3 for n in per_lesson.values()), per_lesson
+    assert sorted(per_lesson) == [f"{n:02d}" for n in range(1, 16)]
+    assert all(2 <= n <= 3 for lesson, n in per_lesson.items() if lesson != "06"), per_lesson
+    assert per_lesson["06"] == 4
 
 
 @pytest.mark.parametrize("key", SINGLE_PROCESS)
@@ -60,8 +62,15 @@ KNOWN = {
     "07.1": ((4, 1024, 2, 8, 2), 2 * 4 * 2 * 1024 * 2 * 7 / 8),
     "07.2": ((32, 1024, 8, 2), 2 * 7 / 8 * 32 * 1024 * 2),
     # routed + gelu(1)·[2, 0], gelu(1) = Φ(1) = 0.8413447
-    "08.1": ((T([[1.0, 0]]), T([[0.5, 0.5]]), T([[1.0], [0]]), T([[2.0, 0]]), None), T([[0.5 + 2 * 0.8413447, 0.5]])),
+    "08.1": ((T([[1.0, 0]]), T([[0.5, 0.5]]), T([[1.0], [0]]), T([[2.0, 0]]), None, "gelu"),
+             T([[0.5 + 2 * 0.8413447, 0.5]])),
+    # swiglu, S = 1: h = x·w1 = [gate 1, up 3] -> silu(1)·3 = 0.7310586·3, times w2 = [1, -1]
+    "08.1 swiglu": ((T([[1.0, 0]]), T([[0.0, 0.0]]), T([[1.0, 3.0], [0, 0]]), T([[1.0, -1.0]]), None, "swiglu"),
+                    T([[3 * 0.7310586, -3 * 0.7310586]])),
     "08.2": ((T([[0, 3], [1, 1], [2, 3]]), 4, 2), T([2, 1, 1])),
+    "08.3": ((16, 4096, 2, 4, 1), (63, 1024, 7, 1024)),  # DeepSeekMoE §3: 64 fine experts, 1 shared, top 8 - 1
+    "09.1": ((93.7, [(11.4, 9.8), (11.4, 20.6)]), 93.7 - 9.8 - 11.4),
+    "09.2": ((4.0, 6.0, 2.0, 1.0), 2.5 + 3 + 3 + 1.5),  # halves: dispatch 1 + 3 / 2, combine 1 + 1 / 2, experts 3
     # 8 experts on 4 nodes {0,1} {2,3} {4,5} {6,7}; seen from node 1
     "10.1": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4, 1), T([2, 0, 2])),
     "10.2": ((T([[0, 2, 7], [2, 3, 3], [4, 5, 6]]), 8, 4), [1, 2, 1, 2]),
@@ -78,29 +87,44 @@ KNOWN = {
     "12.2": ((T([[2.0, 3.0, -4.0, 1.0]]), T([[0.5, 4.0]])), T([[1.0, 1.5, -16.0, 4.0]])),
     # rank 0 of 2 owns experts 0, 1: pairs (0,3) (1,2) (2,3) send 1 + 1 + 2 rows of 7168 + 4·56 bytes
     "12.3": ((T([[0, 3], [1, 2], [2, 3]]), 4, 2, 0, 7168, 128), 4 * (7168 + 224)),
-    "14.1": ((256, 8, 128, 7168, 2), 256 * 128 * 7168 * 2),  # 32 experts x 8 ranks x 128 slots: 470 MB
-    "14.2": ((4.0, 6.0, 2.0), 2 + 3 + 3 + 1),  # against 12 unsplit
+    "15.1": ((256, 8, 128, 7168, 2), 256 * 128 * 7168 * 2),  # 32 experts x 8 ranks x 128 slots: 470 MB
+    "15.2": ((3, 4, 4, 2, 1000, 1.0), 2 * 1000 / 1e9 * 1e3),  # k = E: both local experts read once, 1 KB at 1 GB/s
+    "13.2": ((256, 512, 2, "mxfp4"), 2 * 256 * 512 // 2 + 2 * 256 * 512 // 32),
+    "14.2": ((256, 8, 8, 200.0), 800),  # 32 local experts: T·8/32 FLOPs per byte reach 200 at T = 800
     # a zero query weighs the positions it sees equally: cached values 1, 3 at 0, 1; the new one, 5, at 2
-    "14.3": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
+    "14.1": ((torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), T([[[[5.0]]]]), torch.zeros(1, 1, 4, 1),
               T([[[[1.0], [3.0], [9.0], [9.0]]]]), 2),
              (T([[[[3.0]]]]), torch.zeros(1, 1, 4, 1), T([[[[1.0], [3.0], [5.0], [9.0]]]]))),
 }
 
 
 def test_the_hash_load_exercise_by_its_properties():
-    """08.3's reference (no value to work by hand: it is a hash): one id fills exactly k experts, every token
+    """06.4's reference (no value to work by hand: it is a hash): one id fills exactly k experts, every token
     counts k times, and a uniform stream of ids loads every expert within 10% of the mean."""
-    ref = EXERCISES["08.3"].reference
+    ref = EXERCISES["06.4"].reference
     one = ref(torch.full((10,), 7), 8, 2, 0)
     assert sorted(one.tolist()) == [0] * 6 + [10, 10]
     spread = ref(torch.arange(16_000), 16, 4, 3)
     assert spread.sum() == 64_000 and (spread - 4000).abs().max() < 400
 
 
-@pytest.mark.parametrize("key", [k for k in SINGLE_PROCESS if k != "08.3"])
+def test_an_fp4_rounding_by_hand():
+    """13.1: a block whose largest magnitude is 6 keeps the scale 1; 2.4 rounds to 2, 2.5 (a tie) down to 2, 5 to
+    4 (tie to the lower), -0.3 to -0.5 and 0.2 to 0."""
+    w = torch.zeros(32, 2)
+    w[:6, 0] = T([6.0, 2.4, 2.5, 5.0, -0.3, 0.2])
+    w[0, 1] = 12.0  # the second column: amax 12 -> scale 2, so 12 stays 12
+    got = EXERCISES["13.1"].reference(w)
+    assert got[:6, 0].tolist() == [6.0, 2.0, 2.0, 4.0, -0.5, 0.0] and got[0, 1].item() == 12.0
+
+
+BY_PROPERTY = {"06.4", "13.1"}  # a hash, and a rounding: checked by the two tests above
+
+
+@pytest.mark.parametrize("key", [k for k in SINGLE_PROCESS if k not in BY_PROPERTY] + ["08.1 swiglu"])
 def test_the_library_solution_gives_the_hand_worked_value(key):
     args, expected = KNOWN[key]
-    torch.testing.assert_close(EXERCISES[key].reference(*args), expected, check_dtype=False)
+    torch.testing.assert_close(EXERCISES[key.split()[0]].reference(*args), expected, check_dtype=False)
 
 
 def test_the_position_policy_of_the_mask_exercise_by_hand():
@@ -214,7 +238,7 @@ def test_a_cache_step_without_the_causal_mask_fails_where_a_query_could_see_ahea
         y = torch.nn.functional.scaled_dot_product_attention(q, cache_k[:, :, :start + S], cache_v[:, :, :start + S])
         return y, cache_k, cache_v
 
-    result = run_check("14.3", no_mask)  # a single new position sees everything anyway; a prefill must not
+    result = run_check("14.1", no_mask)  # a single new position sees everything anyway; a prefill must not
     assert result["status"] == "failed" and "prefill" in result["message"]
 
 
@@ -225,9 +249,78 @@ def test_a_cache_step_that_does_not_fill_the_cache_fails():
         sees = torch.arange(start + S) <= start + torch.arange(S)[:, None]
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=sees), cache_k, cache_v
 
-    result = run_check("14.3", concatenates)  # the right output, but the next step would not find k and v
+    result = run_check("14.1", concatenates)  # the right output, but the next step would not find k and v
     assert result["status"] == "failed"
 
 
 def test_two_micro_batches_timed_as_one_fail_their_exercise():
-    assert run_check("14.2", lambda d, e, c: d + e + c)["status"] == "failed"
+    assert run_check("09.2", lambda d, e, c, f: d + e + c)["status"] == "failed"
+
+
+def test_two_micro_batches_without_the_fixed_cost_fail_and_the_hint_does_not_give_the_formula():
+    """09.2 asks for the model with a fixed cost per exchange; the model without it (each half half of every phase)
+    is the wrong answer it must reject, and the hint gives the direction, not the expression."""
+    def halves_of_everything(dispatch, experts, combine, fixed):
+        d, e, c = dispatch / 2, experts / 2, combine / 2
+        return d + max(d, e) + max(c, e) + c
+    result = run_check("09.2", halves_of_everything)
+    assert result["status"] == "failed" and "fixed cost" in result["message"], result
+    hint_text = EXERCISES["09.2"].hint
+    assert "max(" not in hint_text and "/ 2" not in hint_text and "+" not in hint_text
+
+
+def _hash_ids(ids, E, seed):
+    from lessons_lib.moe.hash_router import expert_hash
+
+    return expert_hash(ids, E, seed)
+
+
+@pytest.mark.parametrize("name, wrong", [
+    ("the token ids themselves", lambda ids, E, k, seed: torch.bincount(ids, minlength=E)[:E]),
+    ("ids modulo E", lambda ids, E, k, seed: torch.bincount(ids % E, minlength=E)),
+    ("ids modulo E, k times", lambda ids, E, k, seed: k * torch.bincount(ids % E, minlength=E)),
+    ("only the best expert", lambda ids, E, k, seed: torch.bincount(_hash_ids(ids, E, seed).argmax(1), minlength=E)),
+    ("the hash of seed 0", lambda ids, E, k, seed: torch.bincount(_hash_ids(ids, E, 0).topk(k).indices.flatten(),
+                                                                  minlength=E)),
+])
+def test_the_hash_load_exercise_fails_bincount_on_the_wrong_ids(name, wrong):
+    """06.4: counting ids that are not the hash router's expert ids must fail, whatever shape it comes in."""
+    assert run_check("06.4", wrong)["status"] == "failed", name
+
+
+def test_the_block_exercise_fails_gelu_on_deepseek_v3s_swiglu_case():
+    """08.1: DeepSeek-V3's shared expert is SwiGLU; an answer that always applies gelu(x·w1)·w2 fails on that case."""
+    def always_gelu(x, routed, w1, w2, gate, activation):
+        shared = torch.nn.functional.gelu(x @ w1[:, :w2.shape[0]]) @ w2
+        return routed + (torch.sigmoid(x @ gate.T) * shared if gate is not None else shared)
+    result = run_check("08.1", always_gelu)
+    assert result["status"] == "failed" and "DeepSeek-V3: swiglu" in result["message"], result
+
+
+def test_the_block_exercise_fails_a_gate_on_the_routed_part_too():
+    def gates_everything(x, routed, w1, w2, gate, activation):
+        full = EXERCISES["08.1"].reference(x, routed, w1, w2, None, activation)
+        return full * torch.sigmoid(x @ gate.T) if gate is not None else full
+    result = run_check("08.1", gates_everything)
+    assert result["status"] == "failed" and "gated" in result["message"], result
+
+
+@pytest.mark.parametrize("key", ["06.4", "08.2", "08.3", "09.2"])
+def test_these_hints_give_a_direction_not_the_solution(key):
+    """The hints rewritten in course v2 name what to think about, not the code: no call and no operator that would
+    be the answer."""
+    text = EXERCISES[key].hint
+    for giveaway in ("torch.", ".topk(", "bincount", "scatter", "//", "max(", " * m", "m·E", "m·k"):
+        assert giveaway not in text, (key, giveaway)
+
+
+def test_the_deepseekmoe_exercise_fails_segmentation_without_the_shared_correction():
+    def forgets_shared(E, F, k, m, shared):
+        return m * E, F // m, m * k, shared * (F // m)
+    assert run_check("08.3", forgets_shared)["status"] == "failed"
+
+
+def test_the_overlap_exercise_fails_an_answer_that_hides_everything():
+    assert run_check("09.1", lambda step, pairs: step - sum(e for e, w in pairs))["status"] == "failed"
+    assert run_check("09.1", lambda step, pairs: step - sum(w for e, w in pairs))["status"] == "failed"
+

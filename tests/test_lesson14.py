@@ -1,18 +1,13 @@
-"""Lesson 14: the MoE transformer generates under EP what it generates on one device; decode's static path and
-two micro-batches compute what the layer computes whole; the buffers' bill."""
-import dataclasses
+"""Lesson 14: the MoE transformer generates under EP what it generates on one device; its KV cache; where the expert
+GEMMs turn compute-bound."""
 
 import pytest
 import torch
 
 from launcher import run_script
 from launcher.run import REPO
-from lessons_lib import MoEConfig, MoELayer
-from lessons_lib.lab.decode_latency import static_buffer_bytes
+from lessons_lib import MoEConfig
 from lessons_lib.model import KVCache, ModelConfig, MoETransformer, generate
-from lessons_lib.moe.capacity import static_dropless
-from lessons_lib.moe.static_decode import StaticDecode
-from lessons_lib.moe.two_batch import two_batch_forward
 
 WORKER = REPO / "tests" / "ep_worker.py"
 TOLERANCE = 1e-5
@@ -21,15 +16,13 @@ SMALL = ModelConfig(MoEConfig(num_experts=4, top_k=2, hidden_dim=32, ffn_dim=64,
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_ep_generation_equals_single_device_and_the_other_paths_equal_the_whole_layer(nproc):
+def test_ep_generation_equals_single_device(nproc):
     r = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "generation"}, stream=False,
                    timeout=900).value
     assert len(r["generation"]) == 3 * 3 * 2
     bad = [g for g in r["generation"] if not (g["same_ids"] and g["logits"] <= TOLERANCE)]
     assert not bad
     assert all(g["sequences"] == sum(1 + q % 3 for q in range(nproc)) for g in r["generation"])
-    assert len(r["two_batch"]) == 6 * 2 and all(t["error"] <= TOLERANCE for t in r["two_batch"])
-    assert len(r["static"]) == 6 and all(t["error"] <= TOLERANCE for t in r["static"])
     for rank_messages in r["bad_generate"]:  # every rank raised, the bad one with its reason
         assert all(m != "no error" for m in rank_messages.values())
     assert "max_seq_len" in r["bad_generate"][1]["too long"] and "vocab_size" in r["bad_generate"][1]["id out of range"]
@@ -86,65 +79,11 @@ def test_generate_refuses_bad_arguments_on_one_device():
         ModelConfig(MoEConfig(hidden_dim=30), num_heads=4)
 
 
-@pytest.fixture
-def one_rank():
-    """A one-rank gloo group, torn down after the test (the static path needs the all-to-all dispatcher)."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
+def test_the_expert_gemms_turn_compute_bound_where_flops_per_byte_reach_the_ridge():
+    from lessons_lib.lab.decode_latency import compute_bound_tokens
 
-def test_static_decode_and_two_batches_on_one_rank(one_rank):
-    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=32, shared_ffn_dim=8)
-    layer = MoELayer(cfg, "alltoall", "grouped")
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        whole = layer(x)[0]
-    static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped"), 8)
-    assert (static(x) - whole).abs().max() <= 1e-5 * whole.abs().max()
-    assert "counts" not in static.layer.dispatcher.traffic.phases  # its passes exchanged no counts
-    assert not static.layer.dispatcher.fixed_sizes  # only during its own passes: called directly, counts as before
-    static.layer(x)
-    assert "counts" in static.layer.dispatcher.traffic.phases
-    assert (two_batch_forward(layer, x) - whole).abs().max() <= 1e-5 * whole.abs().max()
-    with pytest.raises(ValueError, match="tokens <= 8"):
-        static(torch.randn(9, 16))
-    with pytest.raises(ValueError, match="static shapes"):
-        StaticDecode(layer, 4)  # dynamic shapes
-    with pytest.raises(ValueError, match="static shapes"):
-        StaticDecode(MoELayer(static_dropless(cfg), "allgather"), 4)
-    capped = MoELayer(dataclasses.replace(static_dropless(cfg), capacity_factor=1.0), "alltoall")
-    with pytest.raises(ValueError, match="could drop"):
-        StaticDecode(capped, 8)  # C = k·T/E = 4 < 8
-    with pytest.raises(ValueError, match="alltoall"):
-        two_batch_forward(MoELayer(cfg, "local"), x)
-    with pytest.raises(ValueError, match="dropless"):
-        two_batch_forward(MoELayer(dataclasses.replace(cfg, capacity_factor=1.0), "alltoall"), x)
-    with pytest.raises(ValueError, match="max_tokens >= 1"):
-        StaticDecode(MoELayer(static_dropless(cfg), "alltoall"), 0)
-
-
-def test_static_decode_checks_the_hash_routers_ids_before_sending(one_rank):
-    cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=32, router="hash")
-    layer = MoELayer(cfg, "alltoall", "grouped")
-    static = StaticDecode(MoELayer(static_dropless(cfg), "alltoall", "grouped"), 8)
-    x, ids = torch.randn(5, 16), torch.tensor([3, 1, 4, 1, 5])
-    with torch.no_grad():
-        assert (static(x, ids) - layer(x, token_ids=ids)[0]).abs().max() <= 1e-5
-    for bad, words in ((None, "routes by token id"), (ids[:1], "routes by token id"),
-                       (torch.tensor([3, 1, -4, 1, 5]), ">= 0")):
-        with pytest.raises(ValueError, match=words):
-            static(x, bad)
-
-
-def test_static_buffers_are_sized_for_the_worst_case():
-    ds = MoEConfig(num_experts=256, top_k=8, hidden_dim=7168, ffn_dim=2048)
-    for N in (8, 64):
-        b = static_buffer_bytes(ds, 128, N)
-        assert b["rows"]["static_sent"] == b["rows"]["static_received"] == 256 * 128  # whatever N is
-        assert b["rows"]["dynamic_balanced"] == 128 * 8
-        assert b["bytes"]["static_received"] == 256 * 128 * 7168 * 2
-    assert static_buffer_bytes(ds, 128, 64)["rows"]["dynamic_worst_received"] == 64 * 128 * 4  # min(k, L = 4)
-    with pytest.raises(ValueError, match="divide"):
-        static_buffer_bytes(ds, 128, 3)
+    assert compute_bound_tokens(256, 8, 8, 200.0) == 800  # 32 local experts: T·8/32 FLOPs per byte >= 200
+    assert compute_bound_tokens(256, 8, 64, 200.0) == 100
+    # 16 local experts, 2 rows a token: T·2/16 FLOPs per byte; a ridge of 17.1 needs 136.8 tokens, so 137
+    assert compute_bound_tokens(64, 2, 4, 17.1) == 137 and compute_bound_tokens(64, 2, 4, 17.0) == 136

@@ -261,6 +261,28 @@ def aux_loss(expert_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return load_balancing_loss(routing, probs.shape[1])
 
 
+def _hash_cases():
+    zipf = torch.multinomial(1.0 / torch.arange(1, 201, dtype=torch.float64), 300, replacement=True, generator=_g(1))
+    return [("uniform ids", (torch.randint(1000, (64,), generator=_g(0)), 8, 2, 0)),
+            ("one id repeated", (torch.full((10,), 7), 8, 2, 0)),
+            ("a Zipf stream", (zipf, 16, 4, 3)),
+            ("another seed", (torch.arange(20), 6, 3, 5)),
+            ("no tokens", (torch.zeros(0, dtype=torch.long), 4, 1, 0))]
+
+
+@_exercise("06.4", "the random hash's load on a stream of token ids",
+           "a token's experts are not its id, nor its id modulo E: the hash scores every (id, expert) pair "
+           "(expert_hash, from lessons_lib.moe.hash_router), and a token goes to its k best-scored experts. "
+           "Count how many (token, expert) pairs land on each expert, one count per expert, zeros included.",
+           _hash_cases)
+def hash_load(token_ids: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    from lessons_lib.moe.config import MoEConfig
+    from lessons_lib.moe.hash_router import HashRouter
+
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_dim=1, ffn_dim=1, router="hash", seed=seed)
+    return HashRouter(cfg)(torch.zeros(len(token_ids), 1), token_ids).tokens_per_expert(num_experts)
+
+
 # ---------------------------------------------------------------- lesson 07
 
 @_exercise("07.1", "EP bytes per rank, dispatch + combine",
@@ -285,30 +307,35 @@ def tp_bytes(tokens: int, hidden: int, group_size: int, bytes_per_element: int) 
 
 # ---------------------------------------------------------------- lesson 08
 
-def _block_case(seed, T, H, S, gated):
+def _block_case(seed, T, H, S, gated, activation):
     g = _g(seed)
     x, routed = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
-    w1, w2 = torch.randn(H, S, generator=g) / H ** 0.5, torch.randn(S, H, generator=g) / S ** 0.5
-    return x, routed, w1, w2, (torch.randn(1, H, generator=g) if gated else None)
+    first = 2 * S if activation == "swiglu" else S  # swiglu: the gate's S columns, then the up projection's S
+    w1, w2 = torch.randn(H, first, generator=g) / H ** 0.5, torch.randn(S, H, generator=g) / S ** 0.5
+    return x, routed, w1, w2, (torch.randn(1, H, generator=g) if gated else None), activation
 
 
 @_exercise("08.1", "the block's output: routed experts plus the shared expert",
-           "routed + gelu(x @ w1) @ w2; with a gate, multiply the shared part (not the routed one) by "
-           "torch.sigmoid(x @ gate.T), which is [T, 1].",
-           lambda: [("not gated (DeepSeek-V3)", _block_case(0, 6, 8, 12, False)),
-                    ("gated (Qwen2-MoE)", _block_case(1, 6, 8, 12, True)),
-                    ("one token", _block_case(2, 1, 4, 4, True)),
-                    ("no tokens", _block_case(3, 0, 4, 4, True))])
+           "the shared expert is one more FFN, the same kind as an expert: x through w1, the activation, then w2 "
+           "(swiglu: w1's first S columns are the gate, its last S the up projection; silu of the gate times the "
+           "up). A gate, where there is one, scales the shared part only, by a sigmoid of one number per token.",
+           lambda: [("DeepSeek-V3: swiglu, not gated", _block_case(0, 6, 8, 12, False, "swiglu")),
+                    ("Qwen2-MoE: swiglu, gated", _block_case(1, 6, 8, 12, True, "swiglu")),
+                    ("gelu, gated", _block_case(2, 5, 8, 4, True, "gelu")),
+                    ("one token", _block_case(3, 1, 4, 4, True, "swiglu")),
+                    ("no tokens", _block_case(4, 0, 4, 4, True, "gelu"))])
 def block_output(x: torch.Tensor, routed: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 gate: torch.Tensor | None) -> torch.Tensor:
+                 gate: torch.Tensor | None, activation: str) -> torch.Tensor:
     from lessons_lib.moe.config import MoEConfig
+    from lessons_lib.moe.init import first_weight_name
     from lessons_lib.moe.shared_expert import SharedExpert
 
-    H, S = w1.shape
-    shared = SharedExpert(MoEConfig(num_experts=1, top_k=1, hidden_dim=H, ffn_dim=1, shared_ffn_dim=S,
-                                    shared_gate=gate is not None))
+    H, S = w2.shape[1], w2.shape[0]
+    cfg = MoEConfig(num_experts=1, top_k=1, hidden_dim=H, ffn_dim=1, shared_ffn_dim=S, shared_gate=gate is not None,
+                    activation=activation)
+    shared = SharedExpert(cfg)
     with torch.no_grad():
-        shared.w1.copy_(w1)
+        getattr(shared, first_weight_name(cfg)).copy_(w1)
         shared.w2.copy_(w2)
         if gate is not None:
             shared.gate.copy_(gate)
@@ -316,8 +343,8 @@ def block_output(x: torch.Tensor, routed: torch.Tensor, w1: torch.Tensor, w2: to
 
 
 @_exercise("08.2", "distinct ranks per token",
-           "the rank of an expert is its id // (num_experts // world_size); mark the ranks each token hits in a "
-           "[T, N] boolean tensor (scatter_, or a loop over the k slots) and sum each row.",
+           "first say which rank holds each of a token's k experts (ranks own equal, consecutive blocks of "
+           "experts); then count the different ranks in each token's row: two experts on one rank count once.",
            lambda: [("random", (torch.randint(16, (8, 4), generator=_g(0)), 16, 4)),
                     ("all on one rank", (torch.tensor([[4, 5], [5, 4]]), 8, 4)),
                     ("every rank", (torch.tensor([[0, 2, 4, 6]]), 8, 4)),
@@ -330,19 +357,46 @@ def ranks_per_token(expert_ids: torch.Tensor, num_experts: int, world_size: int)
     return distinct_ranks(expert_ids, num_experts, world_size)
 
 
-@_exercise("08.3", "the hash router's load on a stream of token ids",
-           "from lessons_lib.moe.hash_router import expert_hash: expert_hash(ids, E, seed).topk(k).indices are "
-           "each token's experts; torch.bincount(..., minlength=E) counts them.",
-           lambda: [("uniform ids", (torch.randint(1000, (64,), generator=_g(0)), 8, 2, 0)),
-                    ("one id repeated", (torch.full((10,), 7), 8, 2, 0)),
-                    ("another seed", (torch.arange(20), 6, 3, 5)),
-                    ("no tokens", (torch.zeros(0, dtype=torch.long), 4, 1, 0))])
-def hash_load(token_ids: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
-    from lessons_lib.moe.config import MoEConfig
-    from lessons_lib.moe.hash_router import HashRouter
+@_exercise("08.3", "DeepSeekMoE's segmentation and shared experts, at constant compute",
+           "two steps, as DeepSeekMoE takes them (§3.1, then §3.2): what must segmenting by m do to the experts' "
+           "number, width and top-k if parameters and FLOPs per token are to stay? Then K_s fine experts become "
+           "shared, which every token passes: what must the router give up for the FLOPs to stay? Return ints.",
+           lambda: [("DeepSeekMoE 2B-like: 16 experts, m = 4, 1 shared", (16, 4096, 2, 4, 1)),
+                    ("no segmentation, no shared", (8, 1024, 2, 1, 0)),
+                    ("segmented, 2 shared", (32, 16384, 1, 8, 2)),
+                    ("only segmented", (8, 512, 2, 2, 0))])
+def deepseekmoe_config(num_experts: int, ffn_dim: int, top_k: int, m: int, shared: int) -> tuple:
+    from lessons_lib.lab.granularity import deepseekmoe
 
-    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_dim=1, ffn_dim=1, router="hash", seed=seed)
-    return HashRouter(cfg)(torch.zeros(len(token_ids), 1), token_ids).tokens_per_expert(num_experts)
+    c = deepseekmoe(num_experts, ffn_dim, top_k, m, shared)
+    return c["routed_experts"], c["ffn_dim"], c["top_k"], c["shared_ffn_dim"]
+
+
+# ---------------------------------------------------------------- lesson 09
+
+@_exercise("09.1", "a step's time with work beside its exchanges",
+           "an exchange with work beside it costs only what the work does not cover; work longer than its "
+           "exchange hides all of it. The step without overlap paid every exchange and every work in full.",
+           lambda: [("the layer on a slow link", (93.7, [(11.4, 9.8), (11.4, 20.6)])),
+                    ("work longer than each exchange", (50.0, [(4.0, 9.0), (4.0, 18.0)])),
+                    ("nothing beside", (20.0, [(5.0, 0.0)])),
+                    ("no exchange", (12.0, []))])
+def step_with_overlap_ms(step_ms: float, pairs: list) -> float:
+    """pairs: (exchange_ms, work_ms) of each exchange and the work that can run beside it."""
+    return step_ms - sum(min(exchange, work) for exchange, work in pairs)
+
+
+@_exercise("09.2", "two micro-batches, with a fixed cost per exchange",
+           "write the four phases of the schedule in order (dispatch a; dispatch b beside experts a; combine a "
+           "beside experts b; combine b), where two run beside each other the longer counts. Then ask what a "
+           "half of each phase takes: the experts halve, an exchange's transfer halves, its fixed cost does not.",
+           lambda: [("experts longer", (4.0, 6.0, 2.0, 0.0)), ("communication longer", (10.0, 2.0, 8.0, 0.0)),
+                    ("a fixed cost", (4.0, 6.0, 2.0, 1.0)), ("only fixed costs", (1.0, 0.5, 1.0, 1.0)),
+                    ("no communication", (0.0, 5.0, 0.0, 0.0))])
+def two_batch_ms(dispatch_ms: float, experts_ms: float, combine_ms: float, fixed_ms: float) -> float:
+    from lessons_lib.lab.overlap_saving import two_batch_model_ms
+
+    return two_batch_model_ms(dispatch_ms, experts_ms, combine_ms, fixed_ms)
 
 
 # ---------------------------------------------------------------- lesson 10
@@ -490,9 +544,81 @@ def fp8_dispatch_bytes(expert_ids: torch.Tensor, num_experts: int, world_size: i
     return remote * (hidden + 4 * (hidden // tile))
 
 
+# ---------------------------------------------------------------- lesson 13
+
+def _fp4_case(seed: int, K: int = 64, N: int = 4):
+    w = torch.randn(K, N, generator=_g(seed)) * torch.logspace(-2, 1, N)  # columns of very different sizes
+    w[:32, 0] = 0.0  # a block of zeros
+    return (w,)
+
+
+@_exercise("13.1", "weights rounded to MXFP4",
+           "blocks of 32 run down each column (the dimension a GEMM sums over); a block's scale is a power of two "
+           "chosen so that its largest magnitude lands in [4, 8); each scaled value goes to the nearest of e2m1's "
+           "magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (the lower one on a tie) with its sign; scale back.",
+           lambda: [("random columns", _fp4_case(0)), ("another draw", _fp4_case(1, 96, 2)),
+                    ("exact grid values", (torch.tensor([[6.0, -0.5], [3.0, 1.5]]).repeat(16, 1),))])
+def fp4_round(w: torch.Tensor) -> torch.Tensor:
+    """w [K, N] -> the values MXFP4 stores for it, as float32 [K, N]."""
+    from lessons_lib.moe.fp4 import dequantize_fp4, quantize_fp4
+
+    return dequantize_fp4(*quantize_fp4(w), torch.float32)
+
+
+@_exercise("13.2", "the bytes of an expert's weights in each format",
+           "bf16: 2 bytes a value. FP8 (DeepSeek-V3): 1 byte a value and one fp32 scale per 128 × 128 block. "
+           "MXFP4: half a byte a value and one 1-byte scale per 32 values. Return an int.",
+           lambda: [("DeepSeek-V3's expert, bf16", (7168, 2048, 3, "bf16")),
+                    ("DeepSeek-V3's expert, FP8", (7168, 2048, 3, "fp8")),
+                    ("DeepSeek-V3's expert, MXFP4", (7168, 2048, 3, "mxfp4")),
+                    ("a small GELU expert, MXFP4", (256, 512, 2, "mxfp4"))])
+def expert_weight_bytes(hidden: int, ffn: int, matrices: int, fmt: str) -> int:
+    """The bytes of one expert: `matrices` matrices of hidden × ffn values (3 for SwiGLU, 2 for GELU)."""
+    from lessons_lib.moe.fp4 import BLOCK
+
+    values = matrices * hidden * ffn
+    per_format = {"bf16": 2 * values, "fp8": values + 4 * values // (128 * 128),
+                  "mxfp4": values // 2 + values // BLOCK}
+    return per_format[fmt]
+
+
 # ---------------------------------------------------------------- lesson 14
 
-@_exercise("14.1", "the bytes of a static decode receive buffer",
+def _cache_case(seed: int, S: int, start: int, max_len: int = 8):
+    g = _g(seed)
+    q, k, v = (torch.randn(2, 2, S, 4, generator=g) for _ in range(3))
+    cache_k, cache_v = torch.randn(2, 2, max_len, 4, generator=g), torch.randn(2, 2, max_len, 4, generator=g)
+    return q, k, v, cache_k, cache_v, start
+
+
+@_exercise("14.1", "a KV-cache attention step",
+           "write k, v into the caches at positions start .. start+S-1; keep the caches up to start+S; query i (at "
+           "position start + i) may see keys 0 .. start + i: a boolean mask for F.scaled_dot_product_attention, "
+           "or softmax(q·kᵀ/√d + mask)·v by hand. Return the output and both caches.",
+           lambda: [("prefill", _cache_case(0, 5, 0)), ("one decode step", _cache_case(1, 1, 5)),
+                    ("a chunk after a prefix", _cache_case(2, 3, 4)), ("the last position", _cache_case(3, 1, 7))])
+def cached_attention(q, k, v, cache_k, cache_v, start: int):
+    """(y [B, heads, S, d], cache_k, cache_v): the caches as the step leaves them, for the next step."""
+    from lessons_lib.model.transformer import attend
+
+    return attend(q, k, v, cache_k, cache_v, start), cache_k, cache_v
+
+
+@_exercise("14.2", "where the expert GEMMs turn compute-bound",
+           "balanced, a rank's L = E / N experts share the T·k rows of its tokens' worth of pairs; a bf16 weight "
+           "(2 bytes) does 2 FLOPs per row. The GEMMs are compute-bound where FLOPs per byte read pass the ridge: "
+           "return the smallest whole number of tokens per rank that reaches it.",
+           lambda: [("DeepSeek-V3 on 8 GPUs", (256, 8, 8, 200.0)), ("on 64 GPUs", (256, 8, 64, 200.0)),
+                    ("a low ridge", (64, 2, 4, 10.0)), ("a ridge between two counts", (8, 2, 2, 5.5))])
+def compute_bound_tokens(num_experts: int, top_k: int, ranks: int, ridge_flops_per_byte: float) -> int:
+    from lessons_lib.lab.decode_latency import compute_bound_tokens as reference
+
+    return reference(num_experts, top_k, ranks, ridge_flops_per_byte)
+
+
+# ---------------------------------------------------------------- lesson 15
+
+@_exercise("15.1", "the bytes of a static decode receive buffer",
            "each of the L = E / N local experts keeps a slot for every token of every rank: L · N · T rows of H "
            "values of bytes_per_value bytes each.",
            lambda: [("DeepSeek-V3 at 8 ranks", (256, 8, 128, 7168, 2)), ("64 ranks, FP8", (256, 64, 128, 7168, 1)),
@@ -505,32 +631,15 @@ def decode_buffer_bytes(num_experts: int, ranks: int, max_tokens: int, hidden: i
     return static_buffer_bytes(cfg, max_tokens, ranks, bytes_per_value)["bytes"]["static_received"]
 
 
-@_exercise("14.2", "the time of two micro-batches",
-           "each half takes half of each phase: dispatch a; then dispatch b beside experts a (the longer of the two); "
-           "then combine a beside experts b; then combine b.",
-           lambda: [("experts longer", (4.0, 6.0, 2.0)), ("communication longer", (10.0, 2.0, 8.0)),
-                    ("no communication", (0.0, 5.0, 0.0)), ("balanced", (3.0, 3.0, 3.0))])
-def two_batch_ms(dispatch_ms: float, experts_ms: float, combine_ms: float) -> float:
-    from lessons_lib.lab.decode_latency import two_batch_model_ms
+@_exercise("15.2", "the decode floor: reading the touched experts' weights once",
+           "a token picks k of the E experts, each equally likely; an expert of this rank is untouched only if "
+           "every one of the step's tokens (over all ranks) passed it by. Its weights are read once if touched: "
+           "expected bytes over the bandwidth, in ms.",
+           lambda: [("one token, DeepSeek-V3 at EP 8", (1, 8, 256, 32, 88_080_384, 4000.0)),
+                    ("a large batch", (1024, 8, 256, 32, 88_080_384, 4000.0)),
+                    ("every expert chosen", (3, 4, 4, 2, 1000, 1.0)), ("no tokens", (0, 2, 8, 4, 1000, 1.0))])
+def decode_floor_ms(tokens: int, top_k: int, num_experts: int, local_experts: int, expert_bytes: int,
+                    gb_per_s: float) -> float:
+    from lessons_lib.lab.decode_latency import decode_floor_ms as reference
 
-    return two_batch_model_ms(dispatch_ms, experts_ms, combine_ms)
-
-
-def _cache_case(seed: int, S: int, start: int, max_len: int = 8):
-    g = _g(seed)
-    q, k, v = (torch.randn(2, 2, S, 4, generator=g) for _ in range(3))
-    cache_k, cache_v = torch.randn(2, 2, max_len, 4, generator=g), torch.randn(2, 2, max_len, 4, generator=g)
-    return q, k, v, cache_k, cache_v, start
-
-
-@_exercise("14.3", "a KV-cache attention step",
-           "write k, v into the caches at positions start .. start+S-1; keep the caches up to start+S; query i (at "
-           "position start + i) may see keys 0 .. start + i: a boolean mask for F.scaled_dot_product_attention, "
-           "or softmax(q·kᵀ/√d + mask)·v by hand. Return the output and both caches.",
-           lambda: [("prefill", _cache_case(0, 5, 0)), ("one decode step", _cache_case(1, 1, 5)),
-                    ("a chunk after a prefix", _cache_case(2, 3, 4)), ("the last position", _cache_case(3, 1, 7))])
-def cached_attention(q, k, v, cache_k, cache_v, start: int):
-    """(y [B, heads, S, d], cache_k, cache_v): the caches as the step leaves them, for the next step."""
-    from lessons_lib.model.transformer import attend
-
-    return attend(q, k, v, cache_k, cache_v, start), cache_k, cache_v
+    return reference(tokens, top_k, num_experts, local_experts, expert_bytes, gb_per_s)

@@ -6,13 +6,17 @@ Measured in one run, for the same layer (the all-to-all dispatcher, the grouped 
     (worst-case buffers, no count exchange, no host read) and, on a GPU, the same replayed from a CUDA graph;
     beside them, one all_to_all_single of the step's rows alone and the expert bank alone on those rows;
   - `prefill_times`: tokens per second of the layer on 512 to 16k tokens per rank;
-  - `two_batch_times`: the layer whole, and as two micro-batches with and without overlap (`two_batch`);
+  - `overlap_saving.two_batch_times` (lesson 09): the layer whole, and as two micro-batches with and without
+    overlap (`two_batch`), kept in this record for the GPU;
   - `static_buffer_bytes`: what the worst-case buffers hold, against the dynamic path's typical and worst use.
 
 `python -m lessons_lib.lab.decode_latency --out images/decode_1xh200.json` (under torchrun) writes the record
 and its plot; lesson 15 runs the same functions on CPU ranks.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,7 @@ from ..moe.layer import MoELayer
 from ..moe.static_decode import StaticDecode
 from ..moe.two_batch import two_batch_forward
 from .equivalence import compare_generation, relative_error
+from .overlap_saving import two_batch_times
 from .progress import Progress
 from .records import record_arguments, record_header, redraw_record, write_record
 from .timing import median, timed_runs
@@ -114,35 +119,21 @@ def prefill_times(cfg: MoEConfig, tokens=PREFILL_TOKENS, device=None, steps: int
     return rows
 
 
-def two_batch_times(cfg: MoEConfig, tokens=(256, 4096), device=None, steps: int = 10, warmup: int = 3,
-                    group=None) -> list[dict]:
-    """Per T: the layer whole, as two micro-batches with overlap, and without; and how far the split output is
-    from the whole one (max relative difference; in bf16 the halves' GEMMs round differently from the whole's)."""
-    device = torch.device("cpu") if device is None else device
-    layer = MoELayer(cfg, "alltoall", "grouped", group).to(device)
-    rows = []
-    for T in tokens:
-        x = _x(cfg, T, device)
-        with torch.no_grad():
-            whole = layer(x)[0]
-            split = two_batch_forward(layer, x)
-            diff = relative_error(split, whole)
-            rows.append({"tokens": T, "whole_ms": _ms(lambda: layer(x), steps, warmup, device, group),
-                         "two_batch_ms": _ms(lambda: two_batch_forward(layer, x), steps, warmup, device, group),
-                         "two_batch_no_overlap_ms": _ms(lambda: two_batch_forward(layer, x, overlap=False), steps,
-                                                        warmup, device, group),
-                         "max_relative_difference": diff})
-    return rows
+def compute_bound_tokens(num_experts: int, top_k: int, ranks: int, ridge_flops_per_byte: float) -> int:
+    """The fewest tokens per rank at which a rank's expert GEMMs are compute-bound (lesson 14): balanced, its
+    L = E / N experts get T·k / L rows each, and a bf16 weight (2 bytes) does 2 FLOPs per row, so the GEMMs do
+    T·k / L FLOPs per byte of weights read; they are compute-bound from the GPU's ridge (GEMM rate / bandwidth)."""
+    local = num_experts // ranks
+    return math.ceil(ridge_flops_per_byte * local / top_k)
 
 
-def two_batch_model_ms(dispatch_ms: float, experts_ms: float, combine_ms: float) -> float:
-    """The time of a layer run as two micro-batches (`two_batch`) if each half takes half of each phase and an
-    exchange fully overlaps the computation beside it (lesson 09):
-
-        dispatch a, then dispatch b ‖ experts a, then combine a ‖ experts b, then combine b.
-    Unsplit, the layer takes dispatch + experts + combine."""
-    d, e, c = dispatch_ms / 2, experts_ms / 2, combine_ms / 2
-    return d + max(d, e) + max(c, e) + c
+def decode_floor_ms(tokens: int, top_k: int, num_experts: int, local_experts: int, expert_bytes: int,
+                    gb_per_s: float) -> float:
+    """The expected time to read, once each, the weights of this rank's experts that a step touches (lesson 15):
+    `tokens` tokens over all ranks each pick k of the E experts uniformly, so an expert is untouched with
+    probability (1 − k/E)^tokens; at `gb_per_s` (10^9 bytes/s) of memory bandwidth."""
+    touched = local_experts * (1 - (1 - top_k / num_experts) ** tokens)
+    return touched * expert_bytes / (gb_per_s * 1e9) * 1e3
 
 
 def static_buffer_bytes(cfg: MoEConfig, tokens: int, ranks: int, dtype_bytes: int = 2) -> dict:
@@ -229,7 +220,8 @@ def main(argv=None):
     record["checks_fp32"] = checks(device)
     record["decode"] = decode_times(cfg, device=device, progress=main_rank)
     record["prefill"] = prefill_times(cfg, device=device, progress=main_rank)
-    record["two_batch"] = two_batch_times(cfg, device=device)
+    # two micro-batches (lesson 09) of the routed layer: a shared expert would run beside the first half only
+    record["two_batch"] = two_batch_times(dataclasses.replace(cfg, shared_ffn_dim=None), [256, 4096], device=device)
     if main_rank:
         write_record(record, a.out, plot_record)
     leave_torchrun()

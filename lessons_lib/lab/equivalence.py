@@ -21,10 +21,9 @@ import torch.distributed as dist
 
 from ..model.generate import generate
 from ..model.transformer import ModelConfig, MoETransformer
-from ..moe.config import MoEConfig
+from ..moe.config import ROUTES_BY_ID, MoEConfig
 from ..moe.distributed import experts_of_rank, rank_and_size
-from ..moe.hash_router import expert_hash
-from ..moe.init import init_full_state_dict
+from ..moe.init import expert_hash, hashed_table, init_full_state_dict
 from ..moe.layer import MoELayer
 
 ROUTINGS = {
@@ -51,10 +50,10 @@ def adversarial_inputs(cfg: MoEConfig, tokens_per_rank: list[int], routing: str,
     X[:, 0] = 1.0
     X[:, 1] = 0.0
     X[: tokens_per_rank[0], 1] = 1.0  # rank 0's tokens carry the marker
-    sd = {k: v.float() for k, v in init_full_state_dict(cfg).items()}
+    sd = {k: v if k == "router.tid2eid" else v.float() for k, v in init_full_state_dict(cfg).items()}
     dtype = cfg.torch_dtype
-    if cfg.router == "hash":
-        return {k: v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
+    if cfg.router in ROUTES_BY_ID:  # the ids choose (adversarial_token_ids); a table router's gate only weighs
+        return {k: v if k == "router.tid2eid" else v.to(dtype) for k, v in sd.items()}, X.to(dtype), G.to(dtype)
     W = sd["router.weight"]
     W[:, :2] = 0.0  # only the steering below acts through the two special features
     if routing == "one_expert":
@@ -84,8 +83,11 @@ def adversarial_token_ids(cfg: MoEConfig, tokens_per_rank: list[int], routing: s
     whose k hashed experts satisfy it ("one_expert": every token the same id, so the same k experts)."""
     total = sum(tokens_per_rank)
     g = torch.Generator().manual_seed(seed + 1)
-    candidates = torch.arange(50_000)
-    experts_Vk = expert_hash(candidates, cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
+    candidates = torch.arange(min(50_000, cfg.vocab_size or 50_000))
+    if cfg.router == "table":  # the layer's table as init_full_state_dict draws it
+        experts_Vk = hashed_table(cfg)[candidates]
+    else:
+        experts_Vk = expert_hash(candidates, cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
     def draw(ok, n):
         pool = candidates[ok]
         if len(pool) == 0:
@@ -126,7 +128,9 @@ def _reference_output(reference: MoELayer, X: torch.Tensor, tokens_per_rank: lis
 
 
 def _token_ids(cfg, tokens_per_rank, routing, N, seed, device):
-    return adversarial_token_ids(cfg, tokens_per_rank, routing, N, seed).to(device) if cfg.router == "hash" else None
+    if cfg.router not in ROUTES_BY_ID:
+        return None
+    return adversarial_token_ids(cfg, tokens_per_rank, routing, N, seed).to(device)
 
 
 def _slice(ids, lo, hi):

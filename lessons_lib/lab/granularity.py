@@ -37,6 +37,19 @@ def segment(cfg: MoEConfig, m: int) -> MoEConfig:
     return dataclasses.replace(cfg, num_experts=cfg.num_experts * m, ffn_dim=cfg.ffn_dim // m, top_k=cfg.top_k * m)
 
 
+def deepseekmoe(num_experts: int, ffn_dim: int, top_k: int, m: int, shared: int) -> dict:
+    """DeepSeekMoE's two steps (Dai et al. 2024, §3.1 and §3.2) from E experts of width F, top-k: segment every
+    expert into m of width F/m and choose m·k of them (§3.1); then isolate K_s = `shared` of the fine experts as
+    shared experts every token passes, and route among the other m·E − K_s, choosing m·k − K_s (§3.2). Parameters
+    and FLOPs per token stay those of the coarse layer. Returns the sizes, and "activated" = experts a token passes."""
+    if m < 1 or ffn_dim % m:
+        raise ValueError(f"m must be a positive divisor of ffn_dim={ffn_dim}, got {m}")
+    if not 0 <= shared < m * top_k:
+        raise ValueError(f"shared must leave at least one routed expert to choose: 0 <= shared < m·k = {m * top_k}")
+    return {"routed_experts": m * num_experts - shared, "ffn_dim": ffn_dim // m, "top_k": m * top_k - shared,
+            "shared_experts": shared, "shared_ffn_dim": shared * (ffn_dim // m), "activated": m * top_k}
+
+
 def distinct_ranks(expert_ids_Tk: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
     """[T] how many different ranks each token's k experts live on (rank r owns experts r·E/N … (r+1)·E/N − 1)."""
     if num_experts % world_size:
@@ -183,6 +196,7 @@ def plot_record(record: dict):
     ax.set_xticks([r["ffn_dim"] for r in record["sweep"]],
                   [f"F={r['ffn_dim']}\nE={r['num_experts']}, k={r['top_k']}" for r in record["sweep"]], fontsize=7)
     ax.set_ylim(0, None)
+    ax.set_xlabel("expert width F (narrower to the right), with the experts E and top-k that keep E·F and k·F")
     ax.set_ylabel("TFLOP/s")
     ax.set_title(f"grouped GEMM, E·F = 256·2048, H 7168, bf16: {record['device']}, torch {record['torch']}",
                  fontsize=9)

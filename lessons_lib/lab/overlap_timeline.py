@@ -1,5 +1,5 @@
 """Does the shared expert hide the dispatch? Step times with and without overlap, and a timeline of both ranks
-drawn from torch.profiler (lesson 08).
+drawn from torch.profiler (lesson 09).
 
 `overlap_step_times` times the same layer, from the same weights and inputs, with `overlap` on and off, the two
 interleaved round by round (so a machine that slows down mid-run slows both), next to what bounds the gain,
@@ -8,8 +8,9 @@ measured in the same run: the dispatch's all-to-all alone and the shared expert 
 `profile_step` records one training step with torch.profiler and turns its Chrome trace into bars: the layer's
 phases on the rank's own thread (`label_phases` names them with `record_function`; a backward op is given its
 forward op's phase through the profiler's sequence numbers), gloo's collectives on gloo's worker threads, and on
-a GPU every stream's kernels, each named by the phase of the op that launched it.
-`draw_timeline` puts both ranks' bars on one time axis.
+a GPU every stream's kernels, each named by the phase of the op that launched it; on an `EmulatedLink`, each
+exchange from its start to the end of its wait for the link. `draw_timeline` puts both ranks' bars on one time
+axis.
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.lab.overlap_timeline --out images/overlap_cpu.json
 """
@@ -33,7 +34,7 @@ from .timing import keep_freed_memory, make_adamw, median, timed_runs, train_ste
 
 PHASES = ("route", "dispatch", "shared expert", "experts", "combine")
 COLORS = {"route": "tab:purple", "dispatch": "tab:orange", "shared expert": "tab:green", "experts": "tab:blue",
-          "combine": "tab:red", "all-to-all": "black", "optimizer": "tab:gray"}
+          "combine": "tab:red", "all-to-all": "black", "link": "dimgray", "optimizer": "tab:gray"}
 
 
 def _labeled(name: str, fn):
@@ -199,6 +200,7 @@ def trace_bars(events: list[dict]) -> list[dict]:
     bars += [("compute", phase_of_seq[e["args"]["Sequence number"]] + " (backward)", e) for e in backward]
     bars += [("communication", "all-to-all" if "all_to_all" in e["name"] else e["name"][5:], e)
              for e in events if e["name"].startswith("gloo:") and e["tid"] != main]
+    bars += [("link", "link", e) for e in _link_exchanges(events)]
 
     op_of_id = {e["args"]["External id"]: e for e in ops if "External id" in e.get("args", {})}
     for k in events:
@@ -218,6 +220,25 @@ def trace_bars(events: list[dict]) -> list[dict]:
     bars = [{"lane": lane, "name": name, "start_ms": (_span(e)[0] - zero) / 1e3, "end_ms": (_span(e)[1] - zero) / 1e3}
             for lane, name, e in bars if _span(e)[1] > zero]  # the barrier's own collective ends before 0
     return sorted(bars, key=lambda b: b["start_ms"])
+
+
+def _link_exchanges(events: list[dict]) -> list[dict]:
+    """An `EmulatedLink`'s exchanges as spans ("link N start Dus", "link N wait"): from the start until the link's
+    D microseconds are up, or until the end of the wait if that began earlier and ended later (the real collective
+    took longer than the link)."""
+    marks = {}
+    for e in events:
+        words = e["name"].split()
+        if len(words) >= 3 and words[0] == "link" and words[2] in ("start", "wait"):
+            marks.setdefault(words[1], {})[words[2]] = e
+    spans = []
+    for m in marks.values():
+        if "start" not in m or "wait" not in m:
+            continue
+        start, link_end = m["start"]["ts"], m["start"]["ts"] + float(m["start"]["name"].split()[3][:-2])
+        wait_start, wait_end = _span(m["wait"])
+        spans.append({"ts": start, "dur": (max(link_end, wait_end) if wait_start < link_end else link_end) - start})
+    return spans
 
 
 def timelines(cfg: MoEConfig, tokens: int, dispatcher: str = "alltoall", experts: str = "grouped", group=None,
@@ -246,16 +267,20 @@ def _work(bars: list[dict], phase: str) -> list[tuple]:
             and (b["lane"].startswith("stream") if on_gpu else b["lane"] == "compute")]
 
 
+def _exchange_name(bars: list[dict]) -> str:
+    return "link" if any(b["name"] == "link" for b in bars) else "all-to-all"
+
+
 def hidden_ms(bars: list[dict], phase: str = "shared expert") -> float:
-    """How long this rank's all-to-alls (gloo's thread or NCCL's kernels) ran while `phase` ran (forward and
-    backward)."""
-    comm = [(b["start_ms"], b["end_ms"]) for b in bars if b["name"] == "all-to-all"]
+    """How long this rank's exchanges (on an emulated link where there is one; else gloo's thread or NCCL's
+    kernels) ran while `phase` ran (forward and backward)."""
+    comm = [(b["start_ms"], b["end_ms"]) for b in bars if b["name"] == _exchange_name(bars)]
     return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in comm for s2, e2 in _work(bars, phase))
 
 
 def communication_ms(bars: list[dict]) -> float:
-    """The total length of this rank's all-to-all bars."""
-    return sum(b["end_ms"] - b["start_ms"] for b in bars if b["name"] == "all-to-all")
+    """The total length of this rank's exchanges (on the emulated link where there is one)."""
+    return sum(b["end_ms"] - b["start_ms"] for b in bars if b["name"] == _exchange_name(bars))
 
 
 def streams_busy_ms(bars: list[dict]) -> float:
@@ -269,7 +294,7 @@ def streams_busy_ms(bars: list[dict]) -> float:
 
 def _lanes(bars: list[dict]) -> list[str]:
     streams = sorted({b["lane"] for b in bars if b["lane"].startswith("stream")}, key=lambda n: int(n.split()[1]))
-    return [lane for lane in ("compute", "communication") if any(b["lane"] == lane for b in bars)] + streams
+    return [lane for lane in ("compute", "communication", "link") if any(b["lane"] == lane for b in bars)] + streams
 
 
 def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
@@ -279,7 +304,8 @@ def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
     from matplotlib.patches import Patch
 
     rows = max(sum(len(_lanes(bars)) for bars in ranks) for ranks in traces.values())
-    fig, axes = plt.subplots(len(traces), 1, figsize=(13, 1.1 + (0.5 * rows + 0.6) * len(traces)), squeeze=False)
+    fig, axes = plt.subplots(len(traces), 1, figsize=(13, 1.1 + (0.5 * rows + 0.6) * len(traces)), squeeze=False,
+                             sharex=True)  # one time axis: the settings' steps compare at a glance
     for ax, (setting, ranks) in zip(axes[:, 0], traces.items()):
         labels = []
         for r, bars in enumerate(ranks):
@@ -294,7 +320,7 @@ def draw_timeline(traces: dict[str, list[list[dict]]], title: str = ""):
                             color=COLORS.get(base, "lightgrey"), alpha=0.45 if "backward" in b["name"] else 1.0,
                             edgecolor="none")
         ax.set_yticks([y for y, _ in labels], [name for _, name in labels], fontsize=8)
-        ax.set_title(f"{setting}: shared expert's time with the all-to-all in flight on rank 0, "
+        ax.set_title(f"{setting}: shared expert's time with an exchange in flight on rank 0, "
                      f"{hidden_ms(ranks[0]):.1f} ms", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("ms after the ranks left a barrier (pale: backward)")
     handles = [Patch(color=c, label=n) for n, c in COLORS.items()]

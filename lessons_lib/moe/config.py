@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
-ROUTERS = ("softmax_topk", "sigmoid_bias", "hash")
+ROUTERS = ("softmax_topk", "sigmoid_bias", "hash", "table")
+ROUTES_BY_ID = ("hash", "table")  # the routers that choose experts by token id: the layer needs `token_ids`
 DROP_POLICIES = ("probs", "position")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DISPATCH_DTYPES = ("float8_e4m3fn",)
@@ -44,12 +45,15 @@ class MoEConfig:
         as w13).
     router: which router scores the tokens: "softmax_topk" (Mixtral/Qwen-MoE, lesson 01) or
         "sigmoid_bias" (DeepSeek-V3: sigmoid scores, a balancing bias used only to choose, lesson 06) or
-        "hash" (hash layers, DeepSeek-V4's first layers: k experts from a fixed hash of the token id, weight 1/k
-        each, no router weight and no aux loss; the layer then needs `token_ids`, lesson 08).
+        "hash" (Roller et al.'s hash layers: k experts from a fixed hash of the token id, weight 1/k each, no
+        router weight and no aux loss) or "table" (DeepSeek-V4's first layers: the k experts looked up in a stored
+        table [vocab_size, k] by token id, weighted by the gate's sqrt(softplus(x·W)) scores, normalized, times
+        routed_scaling_factor); both need `token_ids` (lesson 06).
     norm_topk_prob: renormalize the k chosen probabilities to sum to 1 (Mixtral: True;
         Qwen-MoE leaves them unnormalized when its `norm_topk_prob` is False).
-    routed_scaling_factor: "sigmoid_bias" only: the chosen weights are multiplied by it
-        (DeepSeek-V3 uses 2.5).
+    routed_scaling_factor: "sigmoid_bias" and "table": the chosen weights are multiplied by it
+        (DeepSeek-V3 uses 2.5, DeepSeek-V4 1.5).
+    vocab_size: "table" only: the rows of its table, one per token id.
     num_groups, topk_groups: "sigmoid_bias" only: group-limited selection. The experts form
         num_groups equal groups; a token may only choose experts from its topk_groups best
         groups (a group's score: the sum of its 2 best scores s + b). None keeps every group.
@@ -90,6 +94,7 @@ class MoEConfig:
     shared_ffn_dim: int | None = None
     shared_gate: bool = False
     dispatch_dtype: str | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "hidden_dim", "ffn_dim"):
@@ -135,9 +140,17 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.topk_groups={self.topk_groups} leaves {allowed} experts to choose "
                                  f"from, fewer than top_k={self.top_k}")
         grouped = self.num_groups > 1 or self.topk_groups is not None
-        if self.router != "sigmoid_bias" and (grouped or self.routed_scaling_factor != 1.0):
-            raise ValueError(f"MoEConfig.num_groups, topk_groups and routed_scaling_factor belong to "
-                             f"router='sigmoid_bias'; the {self.router} router has none of them")
+        if self.router != "sigmoid_bias" and grouped:
+            raise ValueError(f"MoEConfig.num_groups and topk_groups belong to router='sigmoid_bias'; the "
+                             f"{self.router} router has none of them")
+        if self.router not in ("sigmoid_bias", "table") and self.routed_scaling_factor != 1.0:
+            raise ValueError(f"MoEConfig.routed_scaling_factor belongs to router='sigmoid_bias' or 'table'; the "
+                             f"{self.router} router has none")
+        if (self.router == "table") != (self.vocab_size is not None):
+            raise ValueError("MoEConfig.vocab_size sizes router='table''s table: set it for that router, and only "
+                             f"for it (router={self.router!r}, vocab_size={self.vocab_size!r})")
+        if self.vocab_size is not None:
+            _positive_int("vocab_size", self.vocab_size)
 
     def _check_shared(self):
         if self.shared_ffn_dim is not None:

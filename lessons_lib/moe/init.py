@@ -1,4 +1,4 @@
-"""Deterministic weights of one MoE layer (defined in lesson 01).
+"""Deterministic weights of one MoE layer (defined in lesson 01), and lesson 06's hash of a token id.
 
 Each tensor, and each expert's slice of the stacked expert weights, is drawn from
 its own generator seeded by (seed, tensor name, expert index). So a rank that owns
@@ -51,6 +51,25 @@ def init_router_weight(cfg: MoEConfig) -> torch.Tensor:
     return w.to(cfg.torch_dtype)
 
 
+_MOD = 2 ** 31  # values stay below 2^31, so a product with a multiplier below 2^31 fits in int64
+_MULTIPLIERS = (1103515245, 1664525, 22695477)
+
+
+def expert_hash(token_ids: torch.Tensor, num_experts: int, seed: int) -> torch.Tensor:
+    """[T, E] int64 pseudo-random scores in [0, 2^31), a fixed function of (seed, token id, expert)."""
+    e_E = torch.arange(num_experts, device=token_ids.device)
+    v = (token_ids.long().view(-1, 1) % _MOD) * num_experts + e_E + seed * 7919
+    for a in _MULTIPLIERS:  # a few rounds of multiply-add and xor-shift mix the bits of all three
+        v = (v % _MOD * a + 12345) % _MOD
+        v = v ^ (v >> 15)
+    return v
+
+
+def hashed_table(cfg: MoEConfig) -> torch.Tensor:
+    """[vocab_size, k] int64: the experts the random hash gives each token id (`TableRouter`'s default table)."""
+    return expert_hash(torch.arange(cfg.vocab_size), cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
+
+
 def init_expert_weights(cfg: MoEConfig, experts: range) -> dict[str, torch.Tensor]:
     """Stacked weights of the given experts: w1 [e, H, F] (w13 [e, H, 2F] for swiglu) and w2 [e, F, H].
 
@@ -88,11 +107,14 @@ def init_shared_weights(cfg: MoEConfig) -> dict[str, torch.Tensor]:
 
 def init_full_state_dict(cfg: MoEConfig) -> dict[str, torch.Tensor]:
     """The unsharded weights of one layer, under the names every layer variant loads:
-    `router.weight` [E, H] (none for the hash router), `experts.w1` [E, H, F] (for swiglu `experts.w13`
+    `router.weight` [E, H] (none for the hash router; the table router also has `router.tid2eid` [vocab, k]),
+    `experts.w1` [E, H, F] (for swiglu `experts.w13`
     [E, H, 2F]: w1 and w3 side by side), `experts.w2` [E, F, H], and with a shared expert (lesson 08)
     `shared.w1` [H, S] (`shared.w13` [H, 2S]), `shared.w2` [S, H] and `shared.gate` [1, H].
     """
     sd = {} if cfg.router == "hash" else {"router.weight": init_router_weight(cfg)}
+    if cfg.router == "table":  # lesson 06: the table by token id, the random hash's choice until one is loaded
+        sd["router.tid2eid"] = hashed_table(cfg)
     for name, w in init_shared_weights(cfg).items():
         sd[f"shared.{name}"] = w
     for name, w in init_expert_weights(cfg, range(cfg.num_experts)).items():

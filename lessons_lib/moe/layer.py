@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .capacity import dropped_pairs, expert_capacity
-from .config import MoEConfig
+from .config import ROUTES_BY_ID, MoEConfig
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher, capturing
 from .dispatch_hierarchical import HierarchicalDispatcher
@@ -32,7 +32,7 @@ from .experts import LoopExperts
 from .experts_batched import BmmExperts, GroupedExperts
 from .experts_fp4 import Fp4Experts
 from .experts_fp8 import Fp8Experts
-from .hash_router import HashRouter
+from .hash_router import HashRouter, TableRouter
 from .init import expert_weight_shapes
 from .load_balancing import SigmoidBiasRouter, router_z_loss
 from .overlap import SharedBeside
@@ -44,7 +44,8 @@ from .tensor_parallel import TensorParallelDispatcher
 ROUTERS: dict[str, type[nn.Module]] = {  # chosen by cfg.router
     "softmax_topk": TopKRouter,  # lesson 01: Mixtral / Qwen-MoE
     "sigmoid_bias": SigmoidBiasRouter,  # lesson 06: DeepSeek-V3
-    "hash": HashRouter,  # lesson 06: hash layers (DeepSeek-V4's first layers)
+    "hash": HashRouter,  # lesson 06: Roller et al.'s hash layers
+    "table": TableRouter,  # lesson 06: DeepSeek-V4's first layers, a stored table by token id
 }
 
 DISPATCHERS: dict[str, type[nn.Module]] = {
@@ -213,8 +214,8 @@ class MoELayer(nn.Module):
         if x.device != device:
             return 3, f"MoELayer input is on {x.device} but the layer is on {device}"
         if token_ids is None:
-            if self.cfg.router == "hash":
-                return 4, "router='hash' routes by token id: call the layer as layer(x, token_ids=ids)"
+            if self.cfg.router in ROUTES_BY_ID:
+                return 4, f"router={self.cfg.router!r} routes by token id: call the layer as layer(x, token_ids=ids)"
             return None
         if (not isinstance(token_ids, torch.Tensor) or token_ids.shape != (x.shape[0],)
                 or token_ids.dtype not in (torch.int32, torch.int64) or token_ids.device != device):
@@ -222,8 +223,12 @@ class MoELayer(nn.Module):
                    if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
             return 4, f"MoELayer token_ids must be an integer tensor [tokens={x.shape[0]}] on {device}, got {got}"
         # reading the minimum waits for the GPU, which a CUDA graph's recording cannot (lesson 15's StaticDecode)
-        if token_ids.numel() and not capturing() and int(token_ids.min()) < 0:
-            return 4, "MoELayer token_ids must be >= 0"
+        if token_ids.numel() and not capturing():
+            low, high = (int(v) for v in torch.aminmax(token_ids))
+            if low < 0:
+                return 4, "MoELayer token_ids must be >= 0"
+            if self.cfg.vocab_size is not None and high >= self.cfg.vocab_size:
+                return 4, f"MoELayer token_ids must be < vocab_size={self.cfg.vocab_size} (the table's rows): {high}"
         return None
 
     @torch.no_grad()
@@ -258,6 +263,8 @@ class MoELayer(nn.Module):
         """Load the unsharded weights (`lessons_lib.moe.init.init_full_state_dict` names and shapes),
         keeping only this rank's part: its experts (EP), or its slice of every expert (TP)."""
         expected = {f"router.{name}": p for name, p in self.router.named_parameters()}  # the hash router has none
+        if self.cfg.router == "table":  # lesson 06: the table is part of the weights, the same on every rank
+            expected["router.tid2eid"] = self.router.tid2eid
         if self.shared is not None:  # lesson 08: every rank holds the whole shared expert
             expected |= {f"shared.{name}": p for name, p in self.shared.named_parameters()}
         for name, p in self.experts.named_parameters():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .capacity import expert_capacity
+from .config import ROUTES_BY_ID
 from .cuda_graph import check_same_tokens
 from .dispatch_alltoall import AllToAllDispatcher
 
@@ -59,7 +60,7 @@ class StaticDecode:
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        ids = self.ids_T if self.layer.cfg.router == "hash" else None  # only the hash router (lesson 06) reads ids
+        ids = self.ids_T if self.layer.cfg.router in ROUTES_BY_ID else None  # only lesson 06's id routers read ids
         dispatcher = self.layer.dispatcher
         dispatcher.fixed_sizes = True
         try:  # the buffers were checked when filled: the layer's own check of them cannot fail
@@ -85,12 +86,14 @@ class StaticDecode:
         if not 0 <= T <= self.max_tokens or x_TH.shape[1:] != self.x_TH.shape[1:] or x_TH.dtype != self.x_TH.dtype:
             raise ValueError(f"StaticDecode takes [tokens <= {self.max_tokens}, {self.x_TH.shape[1]}] "
                              f"{self.x_TH.dtype}, got {list(x_TH.shape)} {x_TH.dtype}")
-        if self.layer.cfg.router == "hash":
+        router = self.layer.cfg.router
+        if router in ROUTES_BY_ID:
             if (not isinstance(token_ids, torch.Tensor) or token_ids.shape != (T,)
                     or token_ids.dtype not in (torch.int32, torch.int64)):
-                raise ValueError(f"router='hash' routes by token id: StaticDecode takes token_ids [{T}] int64 too")
-            if T and int(token_ids.min()) < 0:
-                raise ValueError("StaticDecode token_ids must be >= 0")
+                raise ValueError(f"router={router!r} routes by token id: StaticDecode takes token_ids [{T}] int64 too")
+            vocab = self.layer.cfg.vocab_size
+            if T and (int(token_ids.min()) < 0 or (vocab is not None and int(token_ids.max()) >= vocab)):
+                raise ValueError("StaticDecode token_ids must be >= 0" + (f" and < {vocab}" if vocab else ""))
             self.ids_T[:T].copy_(token_ids)
         self.x_TH[:T].copy_(x_TH)
         self.x_TH[T:].zero_()  # padding tokens: routed like any token, within capacity, and cut off below
