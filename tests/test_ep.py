@@ -95,7 +95,7 @@ def test_one_ep_x_dp_training_step_equals_the_single_device_step():
     swiglu = {"experts.w13", "experts.w2"}
     expected = {"loop": {"router.weight"} | swiglu, "grouped": {"router.weight"} | swiglu,
                 "shared": {"router.weight", "shared.w13", "shared.w2", "shared.gate"} | swiglu,
-                "hash": {"shared.w1", "shared.w2", "experts.w1", "experts.w2"}}  # lesson 08: no router weight
+                "hash": {"shared.w1", "shared.w2", "experts.w1", "experts.w2"}}  # lesson 06: no router weight
     for variant, names in expected.items():
         errors = result[variant]
         assert errors.pop("weights_moved") > 1e-3  # the step really changed the weights

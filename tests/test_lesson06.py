@@ -133,3 +133,42 @@ def test_balanced_table_gives_the_most_frequent_ids_the_least_loaded_experts():
     load = torch.zeros(4).index_add_(0, table.flatten(), counts.repeat_interleave(2))
     assert load.max() / load.mean() < 1.1
     assert all(len(set(row)) == 2 for row in table.tolist())  # k distinct experts per id
+
+
+def test_a_loaded_table_is_checked_and_unseen_ids_spread(one_rank):
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=8, router="table", vocab_size=50)
+    from lessons_lib.moe.init import init_full_state_dict
+
+    sd = init_full_state_dict(cfg)
+    layer = MoELayer(cfg)
+    for bad, match in ((sd["router.tid2eid"].clone().fill_(9), "outside"),
+                       (torch.zeros(50, 2, dtype=torch.long), "same expert twice"),
+                       (sd["router.tid2eid"][:10], "shape|must have shape")):
+        with pytest.raises(ValueError, match=match):
+            layer.load_full_state_dict({**sd, "router.tid2eid": bad})
+    table = balanced_table(torch.zeros(40), 8, 2)  # nothing seen: the ids still spread over every expert
+    assert torch.bincount(table.flatten(), minlength=8).tolist() == [10] * 8
+    # with a placement (lesson 11) the slots route like experts, and the table router's config is set aside there
+    from lessons_lib.moe.placement import contiguous_placement
+
+    placed = MoELayer(cfg, "alltoall", placement=contiguous_placement(8, 1))
+    y, _ = placed(torch.randn(5, 16), token_ids=torch.arange(5))
+    assert y.shape == (5, 16)
+
+
+def test_the_model_refuses_a_table_smaller_than_its_vocabulary():
+    from lessons_lib.model import ModelConfig
+
+    moe = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=8, router="table", vocab_size=32)
+    with pytest.raises(ValueError, match="every token id needs a row"):
+        ModelConfig(moe, vocab_size=64)
+    ModelConfig(moe, vocab_size=32)
+
+
+def test_hash_balance_takes_a_deepseek_v3_config():
+    from lessons_lib.lab.hash_balance import expert_load_balance
+
+    v3 = MoEConfig(num_experts=16, top_k=4, hidden_dim=16, ffn_dim=8, router="sigmoid_bias", num_groups=4,
+                   topk_groups=2, routed_scaling_factor=2.5)
+    out = expert_load_balance(v3, vocab=500, zipf_s=1.0, tokens=256, steps=2, count_tokens=1000)
+    assert set(out) == {"hash", "balanced table", "sigmoid_bias"} and all(v >= 1.0 for v in out.values())

@@ -53,7 +53,6 @@ def test_shared_expert_is_added_to_the_routed_output():
 @pytest.mark.parametrize("kwargs, match", [
     ({"shared_gate": True}, "shared_ffn_dim"),
     ({"shared_ffn_dim": 0}, "shared_ffn_dim"),
-    ({"router": "hash", "routed_scaling_factor": 2.0}, "sigmoid_bias"),
 ])
 def test_config_refuses_inconsistent_lesson08_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

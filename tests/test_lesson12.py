@@ -93,7 +93,7 @@ def test_fp8_dispatch_changes_the_single_device_output_by_a_bounded_amount():
 
 
 def test_with_quantization_off_no_quantizer_runs(monkeypatch):
-    """dispatch_dtype None and an unquantized bank: the layer runs exactly lesson 11's code, no FP8 step."""
+    """dispatch_dtype None and an unquantized bank: the layer runs exactly the code of lessons 03-11, no FP8 step."""
     import lessons_lib.moe.dispatch_local as local
     from lessons_lib.moe import fp8, wire
 

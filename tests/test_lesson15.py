@@ -83,7 +83,7 @@ def test_static_buffers_are_sized_for_the_worst_case():
 
 
 def test_the_decode_floor_counts_the_touched_experts_once():
-    # one token choosing 8 of 256: 8 experts of the 32 local ones expected touched, 1/4 of them
+    # one token choosing 8 of 256: each of the 32 local experts touched with probability 8/256, so 1 expected
     one = decode_floor_ms(1, 8, 256, 32, 1_000_000, 1.0)
     assert math.isclose(one, 32 * (8 / 256) * 1_000_000 / 1e9 * 1e3)
     assert math.isclose(decode_floor_ms(10_000, 8, 256, 32, 10**6, 1.0), 32.0)  # every expert, read once

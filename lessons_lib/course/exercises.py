@@ -389,12 +389,13 @@ def step_with_overlap_ms(step_ms: float, pairs: list) -> float:
 @_exercise("09.2", "two micro-batches, with a fixed cost per exchange",
            "write the four phases of the schedule in order (dispatch a; dispatch b beside experts a; combine a "
            "beside experts b; combine b), where two run beside each other the longer counts. Then ask what a "
-           "half of each phase takes: the experts halve, an exchange's transfer halves, its fixed cost does not.",
+           "half of each phase takes: which part of an exchange depends on how many rows it carries, and which "
+           "part does not?",
            lambda: [("experts longer", (4.0, 6.0, 2.0, 0.0)), ("communication longer", (10.0, 2.0, 8.0, 0.0)),
                     ("a fixed cost", (4.0, 6.0, 2.0, 1.0)), ("only fixed costs", (1.0, 0.5, 1.0, 1.0)),
                     ("no communication", (0.0, 5.0, 0.0, 0.0))])
 def two_batch_ms(dispatch_ms: float, experts_ms: float, combine_ms: float, fixed_ms: float) -> float:
-    from lessons_lib.lab.overlap_saving import two_batch_model_ms
+    from lessons_lib.lab.two_batch_times import two_batch_model_ms
 
     return two_batch_model_ms(dispatch_ms, experts_ms, combine_ms, fixed_ms)
 
@@ -417,7 +418,7 @@ def remote_nodes_per_token(expert_ids: torch.Tensor, num_experts: int, nodes: in
 
 
 @_exercise("10.2", "hop 1's split sizes: rows to each node, once per (token, node)",
-           "a token goes to node n once if any of its experts is there: the same [T, nodes] marks as 09.1, "
+           "a token goes to node n once if any of its experts is there: the same [T, nodes] marks as 10.1, "
            "own node included, summed over the tokens; return a list of ints.",
            lambda: [("random", (torch.randint(16, (6, 4), generator=_g(0)), 16, 4)),
                     ("every token to one node", (torch.tensor([[4, 5], [6, 7], [5, 4]]), 8, 2)),
@@ -440,7 +441,7 @@ def _inter_node_cases():
 
 @_exercise("10.3", "the inter-node bytes of one hierarchical dispatch, over all ranks",
            "this rank's node is rank // ranks_per_node; its bytes are (its tokens' distinct remote nodes, "
-           "summed) · row_bytes (09.1); all_reduce them over every rank and return the total as an int.",
+           "summed) · row_bytes (10.1); all_reduce them over every rank and return the total as an int.",
            _inter_node_cases, collective=True)
 def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, ranks_per_node: int, row_bytes: int) -> int:
     from lessons_lib.lab.node_traffic import remote_nodes

@@ -6,7 +6,7 @@ Measured in one run, for the same layer (the all-to-all dispatcher, the grouped 
     (worst-case buffers, no count exchange, no host read) and, on a GPU, the same replayed from a CUDA graph;
     beside them, one all_to_all_single of the step's rows alone and the expert bank alone on those rows;
   - `prefill_times`: tokens per second of the layer on 512 to 16k tokens per rank;
-  - `overlap_saving.two_batch_times` (lesson 09): the layer whole, and as two micro-batches with and without
+  - `two_batch_times.two_batch_times` (lesson 09): the layer whole, and as two micro-batches with and without
     overlap (`two_batch`), kept in this record for the GPU;
   - `static_buffer_bytes`: what the worst-case buffers hold, against the dynamic path's typical and worst use.
 
@@ -29,10 +29,10 @@ from ..moe.layer import MoELayer
 from ..moe.static_decode import StaticDecode
 from ..moe.two_batch import two_batch_forward
 from .equivalence import compare_generation, relative_error
-from .overlap_saving import two_batch_times
 from .progress import Progress
 from .records import record_arguments, record_header, redraw_record, write_record
 from .timing import median, timed_runs
+from .two_batch_times import two_batch_times
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)

@@ -80,11 +80,15 @@ class EmulatedLink:
         return self
 
     def __exit__(self, *exc) -> None:
+        if dist.all_to_all_single != self._all_to_all_single:  # another link entered after this one is still in
+            raise RuntimeError("EmulatedLinks must be left in the order opposite to the one they were entered in")
         dist.all_to_all_single = self._real
         self._real = None
 
     def _all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                            async_op=False):
+        if input.is_cuda:  # NCCL's wait only orders streams: a sleeping host would stall launches, not a link
+            raise RuntimeError("EmulatedLink emulates a link for CPU ranks (gloo); between GPUs use the real one")
         nbytes = max(_remote_bytes(input, input_split_sizes, group), _remote_bytes(output, output_split_sizes, group))
         name, seconds = f"link {next(self._ids)}", self.seconds(nbytes)
         with torch.profiler.record_function(f"{name} start {round(seconds * 1e6)}us"):

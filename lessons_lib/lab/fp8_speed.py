@@ -1,6 +1,6 @@
 """What FP8 buys on one GPU (lesson 13): the expert GEMMs and the quantization of the dispatch rows.
 
-At one EP = 2 rank's share of DeepSeek-V3's MoE (32 experts × 1024 rows, H 7168, F 2048, bf16), on one GPU:
+At one EP = 8 rank's share of DeepSeek-V3's MoE (32 experts × 1024 rows, H 7168, F 2048, bf16), on one GPU:
 - `gemm_rates`: one grouped GEMM [32768, 7168] x [32, 7168, 2048], bf16 `torch._grouped_mm` against FP8
   `torch._scaled_grouped_mm` (weights and rows already quantized): the kernels alone;
 - `bank_forwards`: the course's `GroupedExperts` against `Fp8Experts`, SwiGLU, forward, the quantization of the

@@ -34,11 +34,13 @@ def token_stream(num_tokens: int, vocab: int, zipf_s: float | None, generator: t
 
 
 def _layer(cfg: MoEConfig, name: str, vocab: int, zipf_s: float | None, count_tokens: int, seed: int) -> MoELayer:
+    plain = {**cfg.__dict__, "routed_scaling_factor": 1.0, "num_groups": 1, "topk_groups": None, "vocab_size": None}
     if name == "hash":
-        return MoELayer(MoEConfig(**{**cfg.__dict__, "router": "hash"}))
-    if name == "sigmoid_bias":
-        return MoELayer(MoEConfig(**{**cfg.__dict__, "router": "sigmoid_bias"}))
-    layer = MoELayer(MoEConfig(**{**cfg.__dict__, "router": "table", "vocab_size": vocab}))
+        return MoELayer(MoEConfig(**{**plain, "router": "hash"}))
+    if name == "sigmoid_bias":  # the config's own groups and scale, if it is DeepSeek-V3's router
+        mine = cfg.__dict__ if cfg.router == "sigmoid_bias" else plain
+        return MoELayer(MoEConfig(**{**mine, "router": "sigmoid_bias", "vocab_size": None}))
+    layer = MoELayer(MoEConfig(**{**plain, "router": "table", "vocab_size": vocab}))
     sample = token_stream(count_tokens, vocab, zipf_s, torch.Generator().manual_seed(seed + 2))  # offline
     layer.router.tid2eid.copy_(balanced_table(torch.bincount(sample, minlength=vocab), cfg.num_experts, cfg.top_k))
     return layer

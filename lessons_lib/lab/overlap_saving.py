@@ -11,17 +11,13 @@ backward with `overlap` on and off, next to the model computed from the same run
 forward and backward timed alone, and the dispatch's exchange timed alone. On CPU ranks the exchange runs on an
 `EmulatedLink` (a link of chosen speed, whose wait uses no core); between GPUs on the real one (NCCL).
 
-Two micro-batches (`moe.two_batch`) hide one half's exchange behind the other half's experts, but every exchange
-also has a fixed cost, whatever its size, which each half pays again. `two_batch_model_ms` is that schedule;
-`two_batch_times` measures the layer whole and in two halves, next to the model fed with the phases timed
-alone.
+The lesson's record also holds two micro-batches on the same link (`two_batch_times`, the next idea).
 
     torchrun --standalone --nproc-per-node 2 -m lessons_lib.lab.overlap_saving --out images/overlap_link_cpu.json
 """
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
@@ -30,34 +26,10 @@ from ..moe.config import MoEConfig
 from ..moe.distributed import rank_and_size
 from ..moe.init import init_full_state_dict
 from ..moe.layer import MoELayer
-from ..moe.two_batch import two_batch_forward
 from .emulated_link import EmulatedLink
-from .equivalence import relative_error
 from .records import record_arguments, record_header, redraw_record, write_record
-from .timing import keep_freed_memory, median, timed_runs
-
-
-@contextlib.contextmanager
-def own_core(group=None):
-    """Pin this rank's thread to a core of its own (core = rank within this machine) while the block runs, where
-    the machine has a core for every rank; else do nothing. Two ranks left to the scheduler on two cores are moved
-    about, which spreads step times by tens of percent on the course's CPU machine."""
-    rank, size = rank_and_size(group)
-    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < size:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", rank)) % (os.cpu_count() or 1)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
-def _inputs(cfg: MoEConfig, tokens: int, device, seed: int = 0) -> torch.Tensor:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    x = torch.randn(tokens, cfg.hidden_dim, generator=torch.Generator().manual_seed(seed + 7919 * rank))
-    return x.to(device, cfg.torch_dtype)
+from .timing import keep_freed_memory, median, own_core, rank_tokens, timed_runs
+from .two_batch_times import plot_two_batch, two_batch_times
 
 
 def _dispatch_exchange(layer: MoELayer, x: torch.Tensor):
@@ -85,9 +57,10 @@ def overlap_saving(cfg: MoEConfig, tokens: int, link: EmulatedLink | None = None
     device = torch.device("cpu") if device is None else device
     layer = MoELayer(cfg, "alltoall", "grouped", group=group).to(device)
     layer.load_full_state_dict(init_full_state_dict(cfg))
-    x = _inputs(cfg, tokens, device).requires_grad_()  # as in a model: the rows' gradient travels back too
+    x = rank_tokens(cfg.hidden_dim, tokens, device, cfg.torch_dtype)
+    x.requires_grad_()  # as in a model: the rows' gradient travels back too
 
-    def step(overlap: bool):
+    def step(overlap: bool):  # the gradients accumulate from step to step: harmless for timing, nothing trains
         layer.overlap = overlap  # one layer, so both ways use the same tensors and caches
         y, _ = layer(x)
         y.float().sum().backward()
@@ -95,7 +68,7 @@ def overlap_saving(cfg: MoEConfig, tokens: int, link: EmulatedLink | None = None
     def one(overlap: bool) -> float:
         return timed_runs(lambda: step(overlap), 1, 0, device, group)[0]
 
-    with (link if link is not None else contextlib.nullcontext()), own_core(group):
+    with (link if link is not None else contextlib.nullcontext()), own_core():
         for overlap in (True, False, True, False):  # warm: the first steps allocate
             timed_runs(lambda: step(overlap), 1, warmup, device, group)
         saved, on, off = [], [], []
@@ -112,7 +85,9 @@ def overlap_saving(cfg: MoEConfig, tokens: int, link: EmulatedLink | None = None
             saved.append(median(diffs))
             if progress and rank == 0:
                 print(f"round {r + 1} of {rounds}: overlap saved {saved[-1]:.2f} ms a step", flush=True)
-        exchange = median(timed_runs(_dispatch_exchange(layer, x.detach()), 4 * pairs, warmup, device, group))
+        # a rank alone sends nothing (AllToAllDispatcher._exchange): there is no exchange to hide
+        exchange = median(timed_runs(_dispatch_exchange(layer, x.detach()), 4 * pairs, warmup, device, group)) \
+            if N > 1 else 0.0
         shared = layer.shared
         fwd = median(timed_runs(lambda: shared(x), 4 * pairs, warmup, device, group))
         fwd_bwd = median(timed_runs(lambda: shared(x).float().sum().backward(), 4 * pairs, warmup, device, group))
@@ -124,65 +99,6 @@ def overlap_saving(cfg: MoEConfig, tokens: int, link: EmulatedLink | None = None
             "spread": max(abs(s / saved_ms - 1) for s in saved) if saved_ms else float("inf"),
             "overlap_ms": median(on), "no_overlap_ms": median(off),
             "shared_forward_ms": fwd, "shared_backward_ms": bwd, "exchange_ms": exchange, "model_ms": model}
-
-
-def two_batch_model_ms(dispatch_ms: float, experts_ms: float, combine_ms: float, fixed_ms: float = 0.0) -> float:
-    """The time of a layer run as two micro-batches (`two_batch`), from the whole layer's phases, if each exchange
-    fully overlaps the work beside it:
-
-        dispatch a, then dispatch b ‖ experts a, then combine a ‖ experts b, then combine b.
-
-    Each half computes half of the experts' work and sends half of the rows, but pays an exchange's fixed cost
-    (`fixed_ms`: what an exchange of almost nothing takes) in full. Unsplit, the layer takes
-    dispatch + experts + combine."""
-    d = fixed_ms + (dispatch_ms - fixed_ms) / 2
-    c = fixed_ms + (combine_ms - fixed_ms) / 2
-    e = experts_ms / 2
-    return d + max(d, e) + max(c, e) + c
-
-
-def _phases_ms(layer: MoELayer, x: torch.Tensor, steps: int, warmup: int, device, group) -> dict:
-    """The whole layer's route, dispatch, experts and combine, each timed alone (no autograd)."""
-    with torch.no_grad():
-        routing = layer.route(x)
-        rows, counts, state = layer.dispatch(x, routing)
-        out = layer.run_experts(rows, counts, state)
-        t = {"route_ms": lambda: layer.route(x), "dispatch_ms": lambda: layer.dispatch(x, routing),
-             "experts_ms": lambda: layer.run_experts(rows, counts, state),
-             "combine_ms": lambda: layer.combine(out, state)}
-        return {name: median(timed_runs(fn, steps, warmup, device, group)) for name, fn in t.items()}
-
-
-def two_batch_times(cfg: MoEConfig, tokens: list[int], link: EmulatedLink | None = None, steps: int = 15,
-                      warmup: int = 3, group=None, device=None) -> list[dict]:
-    """For each number of tokens per rank: the layer whole and as two micro-batches (with and without overlap),
-    medians of `steps` (no autograd, as at inference), the difference between the two outputs, and the model
-    (`two_batch_model_ms`) fed with the whole layer's phases timed alone and an exchange's fixed cost measured as
-    the mean of the dispatch and the combine of one token per rank. Every rank of `group` calls it together."""
-    if cfg.shared_ffn_dim is not None:  # it would run beside the first half's dispatch only: not in the model
-        raise ValueError("two_batch_times times the routed layer: MoEConfig(shared_ffn_dim=None)")
-    if not tokens or min(tokens) < 2:
-        raise ValueError(f"two micro-batches need at least 2 tokens per rank, got {tokens}")
-    device = torch.device("cpu") if device is None else device
-    layer = MoELayer(cfg, "alltoall", "grouped", group=group).to(device)
-    layer.load_full_state_dict(init_full_state_dict(cfg))
-    rows = []
-    with (link if link is not None else contextlib.nullcontext()), own_core(group), torch.no_grad():
-        fixed = _phases_ms(layer, _inputs(cfg, 1, device), steps, warmup, device, group)
-        for T in tokens:
-            x = _inputs(cfg, T, device)
-            whole = layer(x)[0]
-            diff = relative_error(two_batch_forward(layer, x), whole)
-            phases = _phases_ms(layer, x, steps, warmup, device, group)
-            ways = {"whole_ms": lambda: layer(x), "two_batch_ms": lambda: two_batch_forward(layer, x),
-                    "two_batch_no_overlap_ms": lambda: two_batch_forward(layer, x, overlap=False)}
-            times = {name: median(timed_runs(fn, steps, warmup, device, group)) for name, fn in ways.items()}
-            fixed_ms = (fixed["dispatch_ms"] + fixed["combine_ms"]) / 2  # an exchange phase of one token a rank
-            model = phases["route_ms"] + two_batch_model_ms(phases["dispatch_ms"], phases["experts_ms"],
-                                                            phases["combine_ms"], fixed_ms)
-            rows.append({"tokens": T, **times, "phases": phases, "fixed_ms": fixed_ms, "model_two_batch_ms": model,
-                         "max_relative_difference": diff})
-    return rows
 
 
 # the lesson's setting: wide rows and a shared expert four times an expert's width, on a link of known speed
@@ -205,18 +121,6 @@ def plot_saving(ax, saving: dict) -> None:
     ax.set(xlabel="round", ylabel="ms saved per forward + backward", ylim=(0, top), xticks=range(1, len(rounds) + 1),
            title=f"the shared expert beside the dispatch, on {saving['link'] or 'the real link'}")
     ax.legend(fontsize=8, loc="lower right")
-
-
-def plot_two_batch(ax, rows: list[dict]) -> None:
-    """The layer whole and in two micro-batches, measured and modelled (`two_batch_times`' rows), on `ax`."""
-    T = [r["tokens"] for r in rows]
-    ax.plot(T, [r["whole_ms"] for r in rows], "o-", label="whole")
-    ax.plot(T, [r["two_batch_ms"] for r in rows], "s-", label="two micro-batches")
-    if "model_two_batch_ms" in rows[0]:
-        ax.plot(T, [r["model_two_batch_ms"] for r in rows], "k:", label="two micro-batches, model")
-    ax.set(xscale="log", yscale="log", xlabel="tokens per rank", ylabel="ms per layer (no autograd)",
-           title="two micro-batches pay each exchange's fixed cost twice")
-    ax.legend(fontsize=8)
 
 
 def plot_record(record: dict):

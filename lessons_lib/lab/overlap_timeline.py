@@ -3,7 +3,9 @@ drawn from torch.profiler (lesson 09).
 
 `overlap_step_times` times the same layer, from the same weights and inputs, with `overlap` on and off, the two
 interleaved round by round (so a machine that slows down mid-run slows both), next to what bounds the gain,
-measured in the same run: the dispatch's all-to-all alone and the shared expert alone.
+measured in the same run: the dispatch's all-to-all alone and the shared expert alone. It makes the GPU records
+(`images/overlap_*.json`, training steps with AdamW); lesson 09's own measurement, step by step against its model
+and on an emulated link on CPU ranks, is `overlap_saving`.
 
 `profile_step` records one training step with torch.profiler and turns its Chrome trace into bars: the layer's
 phases on the rank's own thread (`label_phases` names them with `record_function`; a backward op is given its

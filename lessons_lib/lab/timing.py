@@ -8,8 +8,10 @@ in the same run, is in `limits`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import statistics
 import time
 
@@ -113,3 +115,28 @@ def timed_runs(fn, steps: int, warmup: int, device, group=None, collective: bool
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def rank_tokens(hidden_dim: int, tokens: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """[tokens, hidden_dim] random inputs, different on every rank (the seed shifted by the rank)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    x = torch.randn(tokens, hidden_dim, generator=torch.Generator().manual_seed(seed + 7919 * rank))
+    return x.to(device, dtype)
+
+
+@contextlib.contextmanager
+def own_core():
+    """Pin this rank's thread to a core of its own while the block runs (the rank's LOCAL_RANK-th of the cores this
+    process may use), where every rank of this machine can have one; else do nothing. Two ranks left to the
+    scheduler on two cores are moved about, which spreads step times by tens of percent on the course's CPU
+    machine (lesson 09 measures with it)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    if len(allowed) < local_ranks:
+        yield
+        return
+    os.sched_setaffinity(0, {allowed[int(os.environ.get("LOCAL_RANK", 0)) % len(allowed)]})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)

@@ -43,6 +43,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.moe.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim={self.moe.hidden_dim} must be divisible by num_heads={self.num_heads}")
+        if self.moe.vocab_size is not None and self.moe.vocab_size < self.vocab_size:  # lesson 06's table router
+            raise ValueError(f"the MoE layers' table has {self.moe.vocab_size} rows, fewer than the model's "
+                             f"vocab_size={self.vocab_size}: every token id needs a row")
 
     def block_moe(self, i: int) -> MoEConfig:
         """Block i's MoE layer: the same shape, its own weights."""

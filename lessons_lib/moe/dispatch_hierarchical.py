@@ -133,7 +133,7 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         self._stop_if_any_rank_failed(codes)
         if beside is None:
             rows_VH = AllToAll.apply(rows_UH, hop1_received, hop1_sent, t.inter_group, self.wire)
-        else:  # lesson 08's shared expert runs while the rows cross
+        else:  # lesson 09: the shared expert runs while the rows cross
             rows_VH = all_to_all_beside(rows_UH, hop1_received, hop1_sent, t.inter_group, beside, self.wire)
         # differentiable, so the router's gradient comes back
         weight_Vk = AllToAll.apply(weight_Uk, hop1_received, hop1_sent, t.inter_group)

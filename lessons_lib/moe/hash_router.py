@@ -49,11 +49,13 @@ class HashRouter(nn.Module):
 def balanced_table(counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
     """[V, k] int64: a table built from how often each token id occurred (counts [V]), so that the experts' loads
     come out as even as a fixed table can make them. Greedy, most frequent id first: each id takes the k least
-    loaded experts so far (the lower id on a tie), which then carry its count."""
+    loaded experts so far (the lower id on a tie), which then carry its count. Every count gets one added (an id
+    not seen in the sample may still come), so that unseen ids spread over the experts instead of all taking the
+    same k."""
     V = counts_V.shape[0]
     if top_k > num_experts:
         raise ValueError(f"balanced_table: top_k ({top_k}) must be at most num_experts ({num_experts})")
-    counts = counts_V.double()
+    counts = counts_V.detach().cpu().double() + 1
     load = torch.zeros(num_experts, dtype=torch.float64)
     table = torch.empty(V, top_k, dtype=torch.long)
     order = torch.argsort(counts, descending=True, stable=True)
@@ -81,6 +83,18 @@ class TableRouter(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"E={c.num_experts}, top_k={c.top_k}, table [{c.vocab_size}, {c.top_k}], scale={c.routed_scaling_factor}"
+
+    def check_table(self, table: torch.Tensor) -> None:
+        """A ValueError unless `table` [vocab_size, k] gives every id k different experts in 0..E-1."""
+        c = self.cfg
+        if table.shape != (c.vocab_size, c.top_k) or table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"router.tid2eid must be an integer table [{c.vocab_size}, {c.top_k}], "
+                             f"got {list(table.shape)} {table.dtype}")
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= c.num_experts):
+            raise ValueError(f"router.tid2eid holds expert ids outside 0..{c.num_experts - 1}")
+        ordered = table.sort(dim=1).values
+        if c.top_k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("router.tid2eid gives some token id the same expert twice: each row needs k different")
 
     def forward(self, x_TH: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         if token_ids is None:

@@ -65,9 +65,12 @@ def expert_hash(token_ids: torch.Tensor, num_experts: int, seed: int) -> torch.T
     return v
 
 
-def hashed_table(cfg: MoEConfig) -> torch.Tensor:
-    """[vocab_size, k] int64: the experts the random hash gives each token id (`TableRouter`'s default table)."""
-    return expert_hash(torch.arange(cfg.vocab_size), cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
+def hashed_table(cfg: MoEConfig, chunk: int = 4096) -> torch.Tensor:
+    """[vocab_size, k] int64: the experts the random hash gives each token id (`TableRouter`'s default table),
+    `chunk` ids at a time (the hash is [ids, E] wide: a whole vocabulary at once would take hundreds of MB)."""
+    ids = torch.arange(cfg.vocab_size)
+    return torch.cat([expert_hash(part, cfg.num_experts, cfg.seed).topk(cfg.top_k).indices
+                      for part in ids.split(chunk)]) if cfg.vocab_size else ids.view(0, cfg.top_k)
 
 
 def init_expert_weights(cfg: MoEConfig, experts: range) -> dict[str, torch.Tensor]:

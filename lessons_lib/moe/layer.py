@@ -130,7 +130,7 @@ class MoELayer(nn.Module):
                 raise ValueError("a placement (lesson 11) needs dispatcher 'alltoall' and no capacity_factor")
             self.replicas = Replicas(placement, cfg.num_experts, *rank_and_size(group))
             slots_cfg = dataclasses.replace(cfg, num_experts=len(self.replicas.slot_expert), router="softmax_topk",
-                                            num_groups=1, topk_groups=None, routed_scaling_factor=1.0)
+                                            num_groups=1, topk_groups=None, routed_scaling_factor=1.0, vocab_size=None)
         self.dispatcher: Dispatcher = kind(slots_cfg, group, **extra)
         self.router = ROUTERS[cfg.router](cfg)
         # The dispatcher knows which experts this rank owns (and, under tensor parallelism, which
@@ -279,6 +279,8 @@ class MoELayer(nn.Module):
             want = full_shapes.get(name, tuple(p.shape))
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)}, got {list(full.shape)}")
+            if name == "router.tid2eid":  # lesson 06: every id's k experts must exist and differ
+                self.router.check_table(full)
             if name.startswith("experts."):
                 if self.replicas is not None:  # lesson 11: every slot holds its logical expert's weights
                     full = full[self.replicas.slot_expert.to(full.device)]

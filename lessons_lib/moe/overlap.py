@@ -19,7 +19,7 @@ nothing in flight calls it first. Where it waits depends on the device:
   the other stream may still read it. Autograd runs each backward kernel on its forward's stream.
 
 `overlap=False` runs the same operations in the same order, with a blocking exchange and on one stream, so the
-two compute exactly the same values (lesson 08 asserts bitwise equality).
+two compute exactly the same values (lesson 09 asserts bitwise equality).
 """
 from __future__ import annotations
 
