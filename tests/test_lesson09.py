@@ -177,9 +177,9 @@ def test_overlap_saving_at_world_size_one_has_no_exchange_to_hide(one_rank):
     from lessons_lib.lab.overlap_saving import overlap_saving
 
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=16, ffn_dim=8, shared_ffn_dim=16)
-    r = overlap_saving(cfg, 8, EmulatedLink(0.01, 1000), rounds=1, pairs=2, warmup=1)
+    r = overlap_saving(cfg, 8, EmulatedLink(0.01, 1000), rounds=1, pairs=6, warmup=1)
     assert r["exchange_ms"] == 0.0 and r["model_ms"] == 0.0  # a rank alone keeps its rows: nothing travels
-    assert abs(r["saved_ms"]) < 2.0  # the two ways do the same work
+    assert abs(r["saved_ms"]) < 0.5 * r["no_overlap_ms"]  # the two ways do the same work (a timed test: loose)
 
 
 def test_trace_bars_draw_an_exchange_on_the_link_until_its_time_is_up():
