@@ -23,7 +23,8 @@ lint:
 	$(PYTHON) -m ruff check .
 
 test: install lint
-	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+	@# the slowest tests are listed at the end, to see where CI's time goes
+	$(PYTHON) -m pytest -q tests --durations=30 $(PYTEST_ARGS)
 
 lab: install
 	$(PYTHON) -m pip install --quiet jupyterlab

@@ -41,12 +41,34 @@ def _call(cmd: list[str], timeout: float, cwd: Path) -> None:
         raise RuntimeError(f"command failed with status {rc}: {' '.join(cmd)}")
 
 
+def exercise_part(notebook: Path):
+    """The cells a run of a lesson's exercises needs: its introduction, parameters and set-up (every cell before the
+    first "## " section) and its exercises (from the markdown cell with the "## Exercises" heading on). The
+    measurements in between do not change with `SOLUTIONS`, so a run that checks the solutions can leave them out."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    sections = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## ")]
+    exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+                 and any(line.startswith("## Exercises") for line in c.source.splitlines())]
+    if not sections or not exercises:
+        raise ValueError(f"{notebook.name} has no '## ' section or no '## Exercises' heading")
+    nb.cells = nb.cells[:sections[0]] + nb.cells[exercises[0]:]
+    return nb
+
+
 def execute_notebook(notebook: Path, out_dir: Path, parameters: dict | None = None,
-                     timeout: float = 900, html: bool = True) -> Path:
+                     timeout: float = 900, html: bool = True, exercises_only: bool = False) -> Path:
     """Execute `notebook` with papermill into `out_dir` (also its working directory) and,
-    with `html`, render it. Returns the executed notebook's path."""
+    with `html`, render it. Returns the executed notebook's path. exercises_only: run its `exercise_part` alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / notebook.name
+    if exercises_only:
+        import nbformat
+
+        source = out_dir / f"{notebook.stem}.exercises.ipynb"
+        nbformat.write(exercise_part(notebook), str(source))
+        notebook = source
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(out), "--cwd", str(out_dir),
            "-k", "python3", "--no-progress-bar", "--log-output"]
     for name, value in (parameters or {}).items():

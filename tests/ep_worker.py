@@ -12,7 +12,9 @@ Modes (params["mode"]):
     the same quantization, and its counted bytes; fp4_bank: lesson 13's FP4 bank against itself on one device;
   generation: lesson 14's generation of the MoE transformer with its MoE layers over the ranks against one device; a
     bad generate() argument on one rank;
-  two_batch, static: lesson 09's two micro-batches and lesson 15's static decode path against the layer whole.
+  two_batch, static: lesson 09's two micro-batches and lesson 15's static decode path against the layer whole;
+  placement, placement_training: lesson 11's replicas behind the all-to-all; placement_hierarchical: behind lesson
+    10's dispatcher (equality, 20 steps across a re-placement, nodes a token reaches under node-limited routing).
 """
 import os
 
@@ -184,6 +186,59 @@ def placement_cases(N):
             if N > 1:
                 yield (bank, MoEConfig(**{**cfg.__dict__, "num_experts": only_copies_E}),
                        f"{cfg.activation}: a rank with only copies", only_copies, [8] * N, "random")
+
+
+def hierarchical_placements(N, R, E):
+    """Lesson 11 behind lesson 10's dispatcher, on N ranks as N/R nodes × R: {name: placement} with 3 slots a rank
+    for E experts, hot experts on the first and the last node."""
+    from lessons_lib.moe.placement import place_experts
+
+    load = torch.tensor([100.0, 60.0] + [1.0] * (E - 3) + [80.0])
+    nodes = N // R
+    return {"node-aware": place_experts(load, N, 3, ranks_per_node=R),
+            # the nodes' groups swapped round: every expert on one node, but not its contiguous block's
+            "groups moved": place_experts(load, N, 3, ranks_per_node=R, group_nodes=list(range(nodes))[::-1]),
+            "replicas across nodes": place_experts(load, N, 3)}
+
+
+def placement_hierarchical_cases(N, R):
+    """(bank, config, case, placement, tokens per rank, routing) for lesson 11's replicas behind lesson 10's
+    dispatcher: every config × placement × routing with the grouped bank, and the loop bank on one routing."""
+    E, nodes = 2 * N, N // R
+    base = dict(num_experts=E, top_k=2, hidden_dim=16, ffn_dim=32)
+    configs = {"gelu": MoEConfig(**base),
+               "swiglu, shared": MoEConfig(**base, activation="swiglu", shared_ffn_dim=8),
+               "node-limited M=1": MoEConfig(**base, activation="swiglu", router="sigmoid_bias", num_groups=nodes,
+                                             topk_groups=1)}
+    routings = [("random", [8] * N, "random"), ("every token to a replicated expert", [8] * N, "one_expert"),
+                ("k experts on one remote node", [8] * N, "remote_node"),
+                ("a rank with no tokens", [0] + [8] * (N - 1), "random")]
+    for place_name, placement in hierarchical_placements(N, R, E).items():
+        for cfg_name, cfg in configs.items():
+            for case, tokens, routing in routings:
+                yield "grouped", cfg, f"{cfg_name}, {place_name}: {case}", placement, tokens, routing
+        yield "loop", configs["gelu"], f"gelu, {place_name}: random, loop bank", placement, [8] * N, "random"
+
+
+def nodes_per_token(rank, N, R, device):
+    """Node-limited routing (M=1 group a token) behind each placement: the most hop-1 rows (token, node) a token
+    of any rank sends. Each group on one node keeps it at 1; replicas spread over nodes break the bound."""
+    from lessons_lib.moe.init import init_full_state_dict
+
+    nodes = N // R
+    cfg = MoEConfig(num_experts=2 * N, top_k=2, hidden_dim=16, ffn_dim=32, router="sigmoid_bias",
+                    num_groups=nodes, topk_groups=1)
+    out = {}
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(rank)).to(device)
+    for name, placement in hierarchical_placements(N, R, cfg.num_experts).items():
+        layer = MoELayer(cfg, "hierarchical", "grouped", ranks_per_node=R, placement=placement).to(device)
+        layer.load_full_state_dict(init_full_state_dict(cfg))
+        with torch.no_grad():
+            _, _, state = layer.dispatch(x, layer.route(x))
+        most = torch.tensor([float(torch.bincount(state.token_U, minlength=len(x)).max())])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out[name] = most.item()
+    return out
 
 
 def overlap_bitwise(rank, N, device):
@@ -361,6 +416,31 @@ def generation(rank, world_size, device):
     return out
 
 
+def node_bytes_statuses():
+    """Exercise 10.3's check on the library's answer and on wrong ones: {name: status}."""
+    from lessons_lib.course.checker import run_check
+    from lessons_lib.course.exercises import inter_node_bytes
+    from lessons_lib.lab.node_traffic import remote_nodes
+
+    def summed(value):
+        t = torch.tensor([value])
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def not_reduced(ids, E, rank, R, nodes, row_bytes):  # this rank's bytes only
+        return remote_nodes(ids, E, nodes, rank // R) * row_bytes
+
+    def pairs_not_nodes(ids, E, rank, R, nodes, row_bytes):  # the flat count: every remote (token, slot)
+        return summed(int((ids // (E // nodes) != rank // R).sum()) * row_bytes)
+
+    def rank_mod_nodes(ids, E, rank, R, nodes, row_bytes):  # the node as rank % nodes: right at 2 ranks, 1 × 2 or 2 × 1
+        return summed(remote_nodes(ids, E, nodes, rank % nodes) * row_bytes)
+
+    return {f"10.3 {name}": run_check("10.3", fn)["status"] for name, fn in
+            (("solution", inter_node_bytes), ("not reduced", not_reduced), ("pairs, not nodes", pairs_not_nodes),
+             ("rank % nodes", rank_mod_nodes))}
+
+
 def main():
     rank, world_size, device = runtime.setup()
     p = runtime.params()
@@ -524,23 +604,14 @@ def main():
         statuses = {name: run_check("03.3", fn)["status"] for name, fn in
                     (("solution", alltoall_backward), ("stub", stub), ("forward instead of backward", forward_instead),
                      ("wrong on one rank", wrong_on_rank_1))}
-        from lessons_lib.course.exercises import inter_node_bytes
-        from lessons_lib.lab.node_traffic import remote_nodes
-
-        def not_reduced(ids, E, R, row_bytes):  # this rank's bytes only
-            return remote_nodes(ids, E, dist.get_world_size() // R, rank // R) * row_bytes
-
-        def pairs_not_nodes(ids, E, R, row_bytes):  # the flat count: every remote (token, slot)
-            per_node = E // (dist.get_world_size() // R)
-            t = torch.tensor([int((ids // per_node != rank // R).sum()) * row_bytes])
-            dist.all_reduce(t)
-            return int(t.item())
-
-        statuses |= {f"10.3 {name}": run_check("10.3", fn)["status"] for name, fn in
-                     (("solution", inter_node_bytes), ("not reduced", not_reduced),
-                      ("pairs, not nodes", pairs_not_nodes))}
+        statuses |= node_bytes_statuses()
         every = [None] * world_size
         dist.all_gather_object(every, statuses)
+        assert all(s == every[0] for s in every), every
+        result = every[0]
+    elif p["mode"] == "exercise_node_bytes":  # 10.3 alone, at any number of ranks (2: where the real world hides
+        every = [None] * world_size           # a rank % nodes answer)
+        dist.all_gather_object(every, node_bytes_statuses())
         assert all(s == every[0] for s in every), every
         result = every[0]
     elif p["mode"] == "ep_vs_tp":  # lesson 07's comparison at any group size
@@ -615,6 +686,23 @@ def main():
             errors = compare_with_single_device(cfg, "alltoall", bank, tokens_per_rank=tokens, routing=routing,
                                                 device=device, placement=placement)
             result.append({"experts": bank, "case": name, "errors": errors})
+    elif p["mode"] == "placement_hierarchical":  # lesson 11 behind lesson 10's dispatcher, nodes × ranks_per_node
+        from lessons_lib.lab.equivalence import compare_placement_training
+
+        GroupedExperts.use_reference_kernel = True
+        R = p["ranks_per_node"]
+        rows = []
+        for bank, cfg, name, placement, tokens, routing in placement_hierarchical_cases(world_size, R):
+            errors = compare_with_single_device(cfg, "hierarchical", bank, tokens_per_rank=tokens, routing=routing,
+                                                device=device, ranks_per_node=R, placement=placement)
+            rows.append({"experts": bank, "case": name, "errors": errors})
+        cfg = MoEConfig(num_experts=2 * world_size, top_k=2, hidden_dim=16, ffn_dim=32, activation="swiglu")
+        placements = hierarchical_placements(world_size, R, cfg.num_experts)
+        # 20 steps, moved halfway from the node-aware placement to one whose groups changed nodes
+        training = compare_placement_training(cfg, placements["node-aware"], placements["groups moved"],
+                                              device=device, dispatcher="hierarchical", ranks_per_node=R)
+        result = {"rows": rows, "training": training,
+                  "nodes_per_token": nodes_per_token(rank, world_size, R, device)}
     elif p["mode"] == "placement_training":
         from lessons_lib.lab.equivalence import compare_placement_training
         from lessons_lib.moe.placement import place_experts
@@ -648,8 +736,9 @@ def main():
                     rows["hier_model"] = 4 * H * sum(len({int(e) // per_node for e in row} - {rank // R})
                                                      for row in ids)  # token by token, apart from the dispatcher
                     rows["intra"] = ph["dispatch intra-node"].sent
-                    # the fan-out: a row per (token, slot) whose expert's local rank is not this rank's
-                    rows["intra_model"] = 4 * H * sum(int(e) // per_rank % R != rank % R for row in ids for e in row)
+                    # the fan-out: a row per (token, rank holding its experts) whose local rank is not this rank's
+                    rows["intra_model"] = 4 * H * sum(len({int(e) // per_rank for e in row} - {r for r in range(
+                        world_size) if r % R == rank % R}) for row in ids)
                     assert rows["hier_model"] == 4 * H * remote_nodes(ids, cfg.num_experts, nodes, rank // R)
                 else:
                     with torch.no_grad():

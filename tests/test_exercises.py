@@ -177,7 +177,43 @@ def test_the_alltoall_backward_exercise_runs_on_ranks():
                        stream=False, timeout=300).value
     assert every == {"solution": "passed", "stub": "not implemented", "forward instead of backward": "failed",
                      "wrong on one rank": "failed", "10.3 solution": "passed", "10.3 not reduced": "failed",
-                     "10.3 pairs, not nodes": "failed"}
+                     "10.3 pairs, not nodes": "failed", "10.3 rank % nodes": "failed"}
+
+
+def test_the_inter_node_bytes_exercise_fails_a_node_of_rank_modulo_nodes_at_two_ranks():
+    """10.3 at 2 ranks, where both real topologies (1 node × 2, 2 × 1) give rank % nodes == rank // ranks_per_node:
+    the check's made-up larger clusters must still tell them apart."""
+    every = run_script(REPO / "tests" / "ep_worker.py", nproc=2, backend="gloo", params={"mode": "exercise_node_bytes"},
+                       stream=False, timeout=300).value
+    assert every == {"10.3 solution": "passed", "10.3 not reduced": "failed", "10.3 pairs, not nodes": "failed",
+                     "10.3 rank % nodes": "failed"}
+
+
+def test_replicas_for_the_largest_load_per_replica_after_the_slot_fail():
+    """11.2: each spare slot to argmax(load / (replicas + 1)) gives loads [3, 2] on 4 slots [3, 1] (2.0 per replica
+    of expert 1) where [2, 2] leaves 1.5."""
+    def after_the_slot(load, num_slots):
+        replicas = [1] * len(load)
+        for _ in range(num_slots - len(load)):
+            e = max(range(len(load)), key=lambda e: (float(load[e]) / (replicas[e] + 1), -e))
+            replicas[e] += 1
+        return replicas
+
+    assert after_the_slot(T([3.0, 2.0]), 4) == [3, 1]
+    result = run_check("11.2", after_the_slot)
+    assert result["status"] == "failed" and "now, not after" in result["message"], result
+
+
+def test_replicas_handed_out_in_slot_token_order_fail():
+    """11.3 asks for the pairs in (token, slot) order: the same rule over (slot, token) order must fail."""
+    from lessons_lib.moe.placement import Replicas
+
+    def slot_token_order(placement, expert_ids, rank):
+        replicas = Replicas(placement, int(placement.max()) + 1, rank, placement.shape[0])
+        return replicas.physical(expert_ids.t().contiguous()).t()
+
+    result = run_check("11.3", slot_token_order)
+    assert result["status"] == "failed" and "(token, slot) order" in result["message"], result
 
 
 def test_grade_lists_the_exercises(capsys):

@@ -12,11 +12,12 @@ WORKER = REPO / "tests" / "ep_worker.py"
 TOLERANCE = 1e-5  # max relative error, fp32 on CPU
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 4])
+# 2 and 4 ranks; one rank, where every exchange is a copy to itself, was left out for CI's time (216 cases, 40-130 s)
+@pytest.mark.parametrize("nproc", [2, 4])
 def test_shared_experts_and_routing_by_id_equal_the_single_device_layer(nproc):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "shared_block"}, stream=False,
                       timeout=600).value
-    cases = 6 if nproc > 1 else 5  # routing_cases, + top_k=E below
+    cases = 6  # routing_cases, + top_k=E below
     assert len(rows) == 3 * 2 * 6 * (cases + 1)
     assert {r["dispatcher"] for r in rows} == {"allgather", "alltoall", "tp"}
     gated = next(r for r in rows if r["case"].startswith("shared gated") and r["dispatcher"] == "alltoall")

@@ -87,11 +87,19 @@ def test_rows_by_link_and_the_time_model_by_hand():
     # 8 experts on 2 nodes × 2 ranks (2 each); rank 1 is node 0's second rank
     ids = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     rows = rows_by_link(ids, 8, nodes=2, ranks_per_node=2, rank=1)
-    # token 0 stays on node 0: 2 rows to rank 0 over NVLink; token 1's 4 experts are all on node 1: flat sends
-    # 4 rows over the network, hierarchical 1, which rank 3 then fans out to rank 2 (2 rows over NVLink)
-    assert rows == {"flat": {"inter-node": 4, "intra-node": 2}, "hierarchical": {"inter-node": 1, "intra-node": 4}}
+    # token 0 stays on node 0: flat sends rank 0 its 2 experts' rows over NVLink, hierarchical one row that rank 0
+    # expands itself; token 1's 4 experts are all on node 1: flat sends 4 rows over the network, hierarchical 1,
+    # which rank 3 forwards once to rank 2 (one row for its 2 experts)
+    assert rows == {"flat": {"inter-node": 4, "intra-node": 2}, "hierarchical": {"inter-node": 1, "intra-node": 2}}
+    # a token whose experts are on 3 ranks of one remote node of 4 ranks: one row over the network, then one row to
+    # each of the 2 ranks that are not the receiver (local rank 1 receives it and keeps its own slots)
+    rows = rows_by_link(torch.tensor([[8, 9, 10, 12]]), 16, nodes=2, ranks_per_node=4, rank=1)
+    assert rows["hierarchical"] == {"inter-node": 1, "intra-node": 2} and rows["flat"]["inter-node"] == 4
     # 1 row of 1000 bf16 elements = 2000 bytes: at 50 GB/s 40 ns, at 500 GB/s 4 ns; dispatch + combine
     assert layer_time_us({"inter-node": 1, "intra-node": 1}, 1000, 2, 500.0, 50.0) == pytest.approx(0.088)
     assert layer_time_us({"inter-node": 1, "intra-node": 1}, 1000, 2, 500.0, 50.0, overlapped=True) == \
         pytest.approx(0.080)
+    # the dispatch in FP8 (1.03125 bytes a value), the combine in bf16: 20.625 + 40 ns over the network
+    assert layer_time_us({"inter-node": 1, "intra-node": 0}, 1000, 2, 500.0, 50.0,
+                         dispatch_bytes_per_element=1.03125) == pytest.approx(0.060625)
     assert tp_time_us(1000, 1000, 2, 2, 50.0) == pytest.approx(2 * 0.5 * 2e6 / 50 / 1e3)

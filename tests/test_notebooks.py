@@ -34,14 +34,15 @@ RUNS = [(nb, False) for nb in NOTEBOOKS] + [(nb, True) for nb in NOTEBOOKS if _h
 @pytest.mark.parametrize("notebook, solutions", RUNS,
                          ids=[f"{nb.stem}-{'solutions' if sol else 'student'}" for nb, sol in RUNS])
 def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
-    """Both ways: as a student gets it (exercises not written: each check says so, nothing crashes), and
-    with the library's solutions (every check passes)."""
+    """Both ways: as a student gets it, whole (exercises not written: each check says so, nothing crashes), and
+    with the library's solutions (every check passes): its set-up and exercises alone, since nothing else in a
+    lesson depends on `SOLUTIONS` (`launcher.course.exercise_part`)."""
     # a hung multi-rank cell then fails with its ranks' last lines, before the notebook's own limit
     monkeypatch.setenv("LAUNCHER_TIMEOUT", str(TIME_LIMIT_S // 2))
     run = tmp_path / "run"
     monkeypatch.setenv("EXERCISE_RESULTS", str(run / "exercise_results.json"))  # as the grader does
     out = execute_notebook(notebook, run, {"SOLUTIONS": solutions} if _has_exercises(notebook) else {},
-                           timeout=TIME_LIMIT_S, html=not solutions)
+                           timeout=TIME_LIMIT_S, html=not solutions, exercises_only=solutions)
     assert out.with_suffix(".html").is_file() == (not solutions)
     nb = nbformat.read(str(out), as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
@@ -54,6 +55,22 @@ def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
     if _has_exercises(notebook):
         results = json.loads((run / "exercise_results.json").read_text())
         assert results and {r["status"] for r in results.values()} == {"passed" if solutions else "not implemented"}
+
+
+def test_the_solutions_run_keeps_the_set_up_and_the_exercises():
+    """Only the cells between the set-up and the exercises may be left out of the solutions run, and none of them
+    may read SOLUTIONS (else leaving them out would change what the run checks)."""
+    from launcher.course import exercise_part
+
+    for notebook in [nb for nb in NOTEBOOKS if _has_exercises(nb)]:
+        whole = nbformat.read(str(notebook), as_version=4).cells
+        kept = exercise_part(notebook).cells
+        assert any("parameters" in c.metadata.get("tags", []) for c in kept), notebook.name
+        assert any("from lessons_lib.course.checker import" in c.source for c in kept), notebook.name
+        head = next(i for i, (a, b) in enumerate(zip(kept, whole)) if a != b)  # the set-up: the same first cells
+        tail = len(kept) - head  # and the exercises: the same last cells
+        assert kept == whole[:head] + whole[-tail:] and head + tail < len(whole), notebook.name
+        assert not [c for c in whole[head:-tail] if "SOLUTIONS" in c.source], notebook.name
 
 
 def test_a_failing_assertion_fails_the_run(tmp_path):

@@ -2,7 +2,14 @@
 import pytest
 import torch
 
-from lessons_lib.moe.placement import contiguous_placement, greedy_placement, place_experts, rank_loads, replica_counts
+from lessons_lib.moe.placement import (
+    contiguous_placement,
+    greedy_placement,
+    nodes_of_groups,
+    place_experts,
+    rank_loads,
+    replica_counts,
+)
 
 
 def zipf_load(E, s, seed, total=100_000.0):
@@ -52,6 +59,41 @@ def test_the_node_variant_keeps_every_expert_on_its_node():
     assert max_over_mean(p, load) < max_over_mean(contiguous_placement(64, 8), load)
 
 
+def test_groups_move_between_nodes_whole_and_even_out_the_nodes():
+    # 4 groups of 2 experts; group loads 10, 9, 2, 1: the two heavy groups go to different nodes
+    load = torch.tensor([5.0, 5.0, 4.0, 5.0, 1.0, 1.0, 0.5, 0.5])
+    assert nodes_of_groups(load, num_groups=4, nodes=2) == [0, 1, 1, 0]
+    p = place_experts(load, 4, 3, ranks_per_node=2, group_nodes=[0, 1, 1, 0])
+    on_node = [set(p[:2].flatten().tolist()), set(p[2:].flatten().tolist())]
+    assert on_node == [{0, 1, 6, 7}, {2, 3, 4, 5}]  # every replica on its group's node
+    blocks = place_experts(load, 4, 3, ranks_per_node=2)  # node 0 keeps 0-3 (load 19), node 1 4-7 (load 3)
+    assert max_over_mean(p, load) < 1.2 < 1.5 < max_over_mean(blocks, load)
+
+
+def test_a_rank_holds_two_replicas_of_an_expert_only_when_it_has_more_replicas_than_there_are_ranks():
+    """The rule lesson 11 states: each replica goes to a rank that does not hold its expert yet while one with a
+    free slot exists; on these loads that leaves a shared rank only where the replicas outnumber the ranks."""
+    import itertools
+
+    checked = shared = 0
+    for N, S, E in ((2, 2, 2), (2, 3, 4), (3, 2, 4), (3, 3, 5), (2, 4, 5)):  # every load 0-4 of E experts
+        for load in itertools.product(range(5), repeat=E):
+            load = torch.tensor(load, dtype=torch.float64)
+            counts = replica_counts(load, N * S)
+            p = place_experts(load, N, S).tolist()
+            doubled = {e for row in p for e in set(row) if row.count(e) > 1}
+            assert all(counts[e] > N for e in doubled), (load, p)
+            checked, shared = checked + 1, shared + bool(doubled)
+    for seed in range(200):
+        load = zipf_load(24, 1.5, seed)
+        counts = replica_counts(load, 4 * 8)
+        p = place_experts(load, 4, 8).tolist()
+        doubled = {e for row in p for e in set(row) if row.count(e) > 1}
+        assert all(counts[e] > 4 for e in doubled), (load, p)
+        checked, shared = checked + 1, shared + bool(doubled)
+    assert shared > 0 and checked > 5000  # the exception happens, where the rule allows it
+
+
 def test_a_zero_load_and_a_uniform_load_are_placed_evenly():
     p = place_experts(torch.zeros(8), 4, 2)
     assert sorted(p.flatten().tolist()) == list(range(8))
@@ -73,6 +115,12 @@ def test_bad_input_is_a_clear_error(args, match):
 def test_bad_nodes_are_a_clear_error():
     with pytest.raises(ValueError, match="ranks_per_node"):
         place_experts(torch.ones(8), 4, 2, ranks_per_node=3)
+    with pytest.raises(ValueError, match="same number of groups"):
+        place_experts(torch.ones(8), 4, 2, ranks_per_node=2, group_nodes=[0, 0, 0, 1])
+    with pytest.raises(ValueError, match="same number of groups"):
+        place_experts(torch.ones(8), 4, 2, group_nodes=[0, 1])  # no nodes without ranks_per_node
+    with pytest.raises(ValueError, match="num_groups"):
+        nodes_of_groups(torch.ones(8), 3, 1)
     with pytest.raises(ValueError, match="no slot"):
         rank_loads(torch.tensor([[0, 0], [1, 1]]), torch.ones(3))
 
@@ -103,11 +151,12 @@ def test_a_bad_placement_is_a_clear_error(placement, match):
         Replicas(placement, num_experts=4, rank=0, world_size=2)
 
 
-def test_a_placement_needs_the_alltoall_dispatcher_and_set_placement_a_placement():
+def test_a_placement_needs_an_ep_dispatcher_that_takes_it_and_set_placement_a_placement():
     from lessons_lib import MoEConfig, MoELayer
 
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_dim=8, ffn_dim=8)
-    with pytest.raises(ValueError, match="needs dispatcher 'alltoall'"):
-        MoELayer(cfg, "local", placement=torch.arange(4).view(1, 4))
+    for dispatcher in ("local", "allgather", "tp"):
+        with pytest.raises(ValueError, match="needs dispatcher 'alltoall' or 'hierarchical'"):
+            MoELayer(cfg, dispatcher, placement=torch.arange(4).view(1, 4))
     with pytest.raises(ValueError, match="built with a placement"):
         MoELayer(cfg).set_placement(torch.arange(4).view(1, 4))

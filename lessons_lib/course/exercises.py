@@ -434,19 +434,35 @@ def _inter_node_cases():
     rank, N = dist.get_rank(), dist.get_world_size()
     device = collective_device()
     per_node = [R for R in (2, 1, N) if N % R == 0]  # 2 ranks a node where it divides; one rank a node; one node
-    return [(f"{N // R} nodes × {R}", (torch.randint(4 * N, (5 + rank, 3), generator=_g(rank)).to(device), 4 * N,
-                                      R, 7))
-            for R in dict.fromkeys(per_node)]
+    cases = [(f"{N // R} nodes × {R}", (torch.randint(4 * N, (5 + rank, 3), generator=_g(rank)).to(device), 4 * N,
+                                       rank, R, N // R, 7))
+             for R in dict.fromkeys(per_node)]
+    # Clusters larger than the real world, where a rank's node (rank // ranks_per_node) is not rank % nodes, which
+    # the real world cannot tell apart at 2 ranks: real rank r plays rank 2r + 1 of 2 nodes × 2N (node 0, while
+    # 2r + 1 % 2 = 1), then rank N + r of 4 nodes × N (node 1). 2 experts a rank.
+    E = 4 * N
+    own = torch.randint(E // 2, (4, 2), generator=_g(10 + rank)).to(device)  # experts of node 0 only
+    cases += [(f"real rank r as rank 2r + 1 of 2 nodes × {2 * N}, tokens on its own node",
+               (own, E, 2 * rank + 1, 2 * N, 2, 5)),
+              (f"real rank r as rank 2r + 1 of 2 nodes × {2 * N}",
+               (torch.randint(E, (6, 3), generator=_g(20 + rank)).to(device), E, 2 * rank + 1, 2 * N, 2, 5)),
+              (f"real rank r as rank N + r of 4 nodes × {N}",
+               (torch.randint(8 * N, (6, 3), generator=_g(30 + rank)).to(device), 8 * N, N + rank, N, 4, 3))]
+    return cases
 
 
 @_exercise("10.3", "the inter-node bytes of one hierarchical dispatch, over all ranks",
-           "this rank's node is rank // ranks_per_node; its bytes are (its tokens' distinct remote nodes, "
-           "summed) · row_bytes (10.1); all_reduce them over every rank and return the total as an int.",
+           "the rank given is this rank's place in a cluster of nodes × ranks_per_node (the check makes up clusters "
+           "larger than the real world): its node is rank // ranks_per_node; its bytes are (its tokens' distinct "
+           "remote nodes, summed) · row_bytes (10.1); all_reduce them over every real rank and return the total as "
+           "an int.",
            _inter_node_cases, collective=True)
-def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, ranks_per_node: int, row_bytes: int) -> int:
+def inter_node_bytes(expert_ids: torch.Tensor, num_experts: int, rank: int, ranks_per_node: int, nodes: int,
+                     row_bytes: int) -> int:
+    """The bytes the hierarchical dispatch of every real rank's tokens sends across nodes, summed (an int); this
+    real rank's tokens belong to rank `rank` of a cluster of nodes × ranks_per_node."""
     from lessons_lib.lab.node_traffic import remote_nodes
 
-    rank, nodes = dist.get_rank(), dist.get_world_size() // ranks_per_node
     mine = torch.tensor([remote_nodes(expert_ids, num_experts, nodes, rank // ranks_per_node) * row_bytes],
                         device=expert_ids.device)
     dist.all_reduce(mine)
@@ -474,23 +490,32 @@ def per_rank_load(placement: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
            lambda: [("two spare slots", (torch.tensor([90.0, 30.0, 20.0, 10.0]), 6)),
                     ("no spare slot", (torch.tensor([5.0, 1.0]), 2)),
                     ("a tie", (torch.tensor([2.0, 2.0, 1.0]), 4)),
-                    ("Zipf", (1.0 / torch.arange(1, 9, dtype=torch.float64), 12))])
+                    ("Zipf", (1.0 / torch.arange(1, 9, dtype=torch.float64), 12)),
+                    # the load per replica before the spare slot decides, not after: [3, 1] would leave 2.0 per
+                    # replica of expert 1 where [2, 2] leaves at most 1.5
+                    ("the load per replica now, not after the slot", (torch.tensor([3.0, 2.0]), 4))])
 def replicas_per_expert(load: torch.Tensor, num_slots: int) -> list:
     from lessons_lib.moe.placement import replica_counts
 
     return replica_counts(load, num_slots)
 
 
-@_exercise("11.3", "which replica a pair goes to",
+@_exercise("11.3", "which replica a pair goes to, pairs in (token, slot) order",
            "slots of expert e = the flat slot ids p with placement.flatten()[p] == e, in order; the pairs of e "
-           "on this rank, in (token, slot) order, take them in turn starting at replica number rank % count.",
+           "on this rank, in (token, slot) order (expert_ids row by row, as .flatten() reads it), take them in turn "
+           "starting at replica number rank % count.",
            lambda: [("a hot expert on two ranks", (torch.tensor([[0, 1, 3], [2, 3, 3]]),
                                                    torch.tensor([[3, 0], [3, 1], [3, 2], [1, 3]]), 1)),
+                    # expert 1's pairs in (token, slot) order are (0, 1), (1, 0), (2, 0); (slot, token) order
+                    # would take (1, 0), (2, 0), (0, 1) and hand out its two replicas differently
+                    ("(token, slot) order", (torch.tensor([[0, 1], [1, 2]]), torch.tensor([[0, 1], [1, 2], [1, 0]]),
+                                             0)),
                     ("no replica", (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 2], [3, 1]]), 0)),
                     ("random", (torch.tensor([[0, 4, 1], [2, 4, 3], [4, 0, 5]]),
                                 torch.randint(6, (7, 2), generator=_g(1)), 2))])
 def replica_of_pair(placement: torch.Tensor, expert_ids: torch.Tensor, rank: int) -> torch.Tensor:
-    """[T, k] the physical slot each (token, slot) pair of `rank` goes to."""
+    """[T, k] the physical slot each (token, slot) pair of `rank` goes to: the pairs of each expert, in (token, slot)
+    order, take its replicas in turn, starting from replica rank % (its replica count)."""
     from lessons_lib.moe.placement import Replicas
 
     return Replicas(placement, int(placement.max()) + 1, rank, placement.shape[0]).physical(expert_ids)

@@ -265,18 +265,20 @@ def check_routings(cfg: MoEConfig, dispatcher: str, experts: str = "loop", group
 
 
 def compare_placement_training(cfg: MoEConfig, first, second, steps: int = 20, tokens: int = 12, group=None,
-                               device=None) -> dict:
-    """Lesson 11: the same SGD run (with momentum, so the optimizer has state to move) of an all-to-all layer
-    without a placement and with placement `first`, moved to `second` halfway (`set_placement`). -> the worst
-    relative difference of any slot's weights from its expert's weights in the run without, and the largest
-    difference of any step's loss. Every rank of `group` calls it together."""
+                               device=None, dispatcher: str = "alltoall", ranks_per_node: int | None = None) -> dict:
+    """Lesson 11: the same SGD run (with momentum, so the optimizer has state to move) of a layer without a
+    placement and with placement `first`, moved to `second` halfway (`set_placement`), both behind `dispatcher`
+    ("hierarchical": on nodes of ranks_per_node). -> the worst relative difference of any slot's weights from its
+    expert's weights in the run without, and the largest difference of any step's loss. Every rank of `group`
+    calls it together."""
     from ..moe.distributed import all_reduce_grads
 
     rank, N = rank_and_size(group)
     device = device if device is not None else torch.device("cpu")
     sd = init_full_state_dict(cfg)
-    layers = {"plain": MoELayer(cfg, "alltoall", "grouped", group=group),
-              "placed": MoELayer(cfg, "alltoall", "grouped", group=group, placement=first)}
+    kw = {"group": group, "ranks_per_node": ranks_per_node}
+    layers = {"plain": MoELayer(cfg, dispatcher, "grouped", **kw),
+              "placed": MoELayer(cfg, dispatcher, "grouped", **kw, placement=first)}
     opts = {}
     for name, layer in layers.items():
         layer.to(device).load_full_state_dict(sd)

@@ -17,11 +17,16 @@ import torch
 
 from ..moe.dispatch_hierarchical import node_hits
 
-# Bandwidth per GPU and direction, GB/s.
+# Bandwidth per GPU and direction, GB/s. The model uses DeepSeek-V3's figures (nvlink_h800, network); DeepEP's
+# measured ones show what its kernels reach on the same links.
 LINKS = {
     "nvlink_h100": (450.0, "NVLink 4 on H100/H200: 900 GB/s per GPU both directions together (NVIDIA's datasheet)"),
-    "nvlink_h800": (160.0, "NVLink on DeepSeek-V3's H800s: ~160 GB/s achievable (DeepSeek-V3 report, sec. 3.2.2)"),
-    "network": (50.0, "one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s (DeepSeek-V3 report, sec. 3.2.2)"),
+    "nvlink_h800": (160.0, "NVLink on DeepSeek-V3's H800s: 160 GB/s (DeepSeek-V3 report, sec. 3.2.2)"),
+    "network": (50.0, "InfiniBand, one 400 Gb/s NIC per GPU: 50 GB/s (DeepSeek-V3 report, sec. 3.2.2)"),
+    "deepep_nvlink": (153.0, "DeepEP's normal kernels inside a node (EP 8, H800), measured: 153 GB/s dispatch, 158 "
+                             "combine (DeepEP, docs/legacy.md)"),
+    "deepep_rdma": (43.0, "DeepEP's normal kernels across nodes (EP 16/32/64), measured RDMA: 43/58/51 GB/s dispatch, "
+                          "43/57/50 combine (docs/legacy.md; the first table, until 2025-04-22, read 43-47)"),
 }
 
 
@@ -74,27 +79,34 @@ def rows_by_link(expert_ids_Tk: torch.Tensor, num_experts: int, nodes: int, rank
 
     flat: a row per (token, slot); it crosses the network if the expert is on another node, NVLink if it is on
     another rank of this node. hierarchical: a row per (token, remote node) crosses the network, to the rank with
-    this rank's local rank there; then a row per (token, slot) whose expert sits on another local rank of its
-    node crosses NVLink (the token's own node included)."""
+    this rank's local rank there; then a row per (token, rank holding any of its experts) crosses NVLink where that
+    rank's local rank is not this rank's (the token's own node included)."""
     per_rank = num_experts // (nodes * ranks_per_node)
     expert_rank = expert_ids_Tk // per_rank
-    expert_node, expert_local = expert_rank // ranks_per_node, expert_rank % ranks_per_node
+    expert_node = expert_rank // ranks_per_node
     node, local = rank // ranks_per_node, rank % ranks_per_node
+    rank_hits_TN = node_hits(expert_ids_Tk, per_rank, nodes * ranks_per_node)  # [T, ranks]: a token's ranks
+    forwarded = torch.arange(nodes * ranks_per_node, device=expert_ids_Tk.device) % ranks_per_node != local
     return {"flat": {"inter-node": int((expert_node != node).sum()),
                      "intra-node": int(((expert_node == node) & (expert_rank != rank)).sum())},
             "hierarchical": {"inter-node": remote_nodes(expert_ids_Tk, num_experts, nodes, node),
-                             "intra-node": int((expert_local != local).sum())}}
+                             "intra-node": int(rank_hits_TN[:, forwarded].sum())}}
 
 
-def layer_time_us(rows: dict[str, int], hidden: int, bytes_per_element: int, nvlink_gbs: float,
-                  network_gbs: float, overlapped: bool = False) -> float:
+def layer_time_us(rows: dict[str, int], hidden: int, bytes_per_element: float, nvlink_gbs: float,
+                  network_gbs: float, overlapped: bool = False,
+                  dispatch_bytes_per_element: float | None = None) -> float:
     """Dispatch + combine time of one layer, in µs, for {"inter-node", "intra-node"} rows of one dispatch (combine
     moves as many), each link class at its bandwidth: one after the other (overlapped False, a serial bound), or
     both links busy at once, as DeepEP's kernels forward rows while they receive them (True: the larger of the
-    two, the best case)."""
-    row = hidden * bytes_per_element
-    inter, intra = rows["inter-node"] * row / network_gbs, rows["intra-node"] * row / nvlink_gbs
-    return 2 * (max(inter, intra) if overlapped else inter + intra) / 1e3
+    two, the best case). dispatch_bytes_per_element: the dispatch's rows in another format than the combine's
+    (lesson 12's FP8 wire: 1 byte a value and a 4-byte scale per 128, 1.03125), else bytes_per_element both ways."""
+    def one_way(b):
+        inter, intra = rows["inter-node"] * hidden * b / network_gbs, rows["intra-node"] * hidden * b / nvlink_gbs
+        return max(inter, intra) if overlapped else inter + intra
+
+    dispatch = bytes_per_element if dispatch_bytes_per_element is None else dispatch_bytes_per_element
+    return (one_way(dispatch) + one_way(bytes_per_element)) / 1e3
 
 
 def tp_time_us(tokens: int, hidden: int, group_size: int, bytes_per_element: int, link_gbs: float) -> float:

@@ -7,21 +7,26 @@ experts all live on one remote node crosses the network k times. Here the world 
   1. inter-node: one row per (token, destination node), to the rank with the same local rank on that node
      (the row for the token's own node stays on its rank), with the token's k slots beside it: the global
      expert id where that expert is on the destination node, else -1, and the slot's routing weight (else 0);
-  2. intra-node: the receiving rank fans each row out to the ranks of its node that hold the row's experts,
-     one row per (row, slot), exactly as lesson 03 does, inside one node;
-  3. the experts run;
-  4. combine, in reverse: the results come back inside the node, where hop 1's receiving rank weights and sums
-     a row's results into one partial row; the partial rows cross back once per (token, node), and the token's
-     rank adds up its nodes' partials.
+  2. intra-node: the receiving rank forwards each row once to every rank of its node that holds any of the row's
+     experts (its own included, where the row stays), with the slots that rank takes beside it;
+  3. each rank expands its rows to their (row, slot) pairs, grouped by local expert, and its experts run;
+  4. combine, in reverse, summing at every step back: each rank weights and sums a row's results over its own
+     slots into one partial row, which goes back inside the node once per (row, rank); hop 1's receiver adds up
+     its node's partials, which cross back once per (token, node); the token's rank adds up its nodes' partials.
+
+DeepEP's normal kernels (prefill and training) move a token the same way: over the network once per destination
+node, over NVLink once per destination rank. Its low-latency kernels (decode) send each token straight to each
+destination rank over the network, with no forwarding.
 
 Every rank takes part in every collective, also with nothing to send. The weights travel through the same
 differentiable all-to-all as the rows, so the router's gradient comes back the way they went (in backward that
 is k numbers per row more over the network, which `traffic`, a record of the forward, does not count). `traffic` splits
 the bytes by link class: "dispatch inter-node", "dispatch intra-node", "combine inter-node", "combine
-intra-node", and the slots' ids and weights as "metadata inter-node".
+intra-node", and the slots' ids and weights beside the rows as "metadata inter-node" and "metadata intra-node".
 
 Shapes as in `dispatcher`, and: P nodes, Rn ranks per node, U rows of (token, destination node) this rank sends in
-hop 1, V rows it receives there, W the (row, slot) pairs of those V rows that its node's experts take.
+hop 1, V rows it receives there, W rows of (received row, destination rank) it sends in hop 2, X rows it receives
+there, M the (row, slot) pairs of those X rows that its experts take.
 """
 from __future__ import annotations
 
@@ -31,7 +36,6 @@ import torch
 import torch.distributed as dist
 
 from .dispatch_alltoall import AllToAll, all_to_all_beside, capturing, read_later
-from .dispatch_local import Permute, inverse_permutation
 from .dispatcher import DispatchState, ExpertParallelDispatcher
 from .process_groups import build_node_groups, default_ranks_per_node
 from .router import Routing, count_per_expert
@@ -46,13 +50,13 @@ class HierarchicalState(DispatchState):
     node_U: torch.Tensor  # and its destination node
     hop1_sent: list  # [P] hop-1 rows sent to each node
     hop1_received: list  # [P] hop-1 rows received from each node
-    row_W: torch.Tensor  # for each pair this rank fanned out: which received row it came from
-    slot_W: torch.Tensor  # and which of that row's k slots
-    weight_Vk: torch.Tensor  # the received rows' slot weights (0 for slots on other nodes)
-    hop2_sent: list  # [Rn] pairs sent to each rank of the node
-    hop2_received: list  # [Rn] pairs received from each
-    regroup_M: torch.Tensor  # received order -> grouped by local expert
-    ungroup_M: torch.Tensor  # and back
+    row_W: torch.Tensor  # the received hop-1 row each hop-2 row forwards (rows ordered by destination rank, then row)
+    rank_W: torch.Tensor  # and the local rank it goes to
+    hop2_sent: list  # [Rn] hop-2 rows sent to each rank of the node
+    hop2_received: list  # [Rn] hop-2 rows received from each
+    weight_Xk: torch.Tensor  # the received hop-2 rows' slot weights (0 for slots on other ranks)
+    row_M: torch.Tensor  # the received hop-2 row of each pair the experts take (pairs grouped by local expert)
+    slot_M: torch.Tensor  # and which of its k slots
 
 
 def node_hits(expert_ids_Tk: torch.Tensor, experts_per_node: int, nodes: int) -> torch.Tensor:
@@ -140,48 +144,65 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         expert_Vk = torch.empty(sum(hop1_received), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
         dist.all_to_all_single(expert_Vk, expert_Uk.contiguous(), hop1_received, hop1_sent, group=t.inter_group)
 
-        # Hop 2, inside the node: one row per (received row, slot on this node), grouped by expert, as lesson 03.
-        row_W, slot_W = (expert_Vk >= 0).nonzero(as_tuple=True)
-        expert_W = expert_Vk[row_W, slot_W]
-        by_expert = torch.argsort(expert_W, stable=True)
-        row_W, slot_W, expert_W = row_W[by_expert], slot_W[by_expert], expert_W[by_expert]
-        counts_RL = count_per_expert(expert_W - t.node * self.experts_per_node, Rn * L).view(Rn, L)
-        recv_counts_RL = _exchange_ints(counts_RL, t.intra_group)
-        read_sizes = read_later(torch.cat([counts_RL.sum(1), recv_counts_RL.sum(1), recv_counts_RL.sum(0)]))
+        # Hop 2, inside the node: one row per (received row, rank of this node holding any of its experts),
+        # ordered by destination rank, then row, with the slots that rank takes beside it (the rank's local expert
+        # id, else -1, and the weight, else 0); the rank expands each row to its experts itself.
+        E0 = t.node * self.experts_per_node  # this node's first expert
+        rank_Vk = torch.where(expert_Vk >= 0, (expert_Vk - E0) // L, Rn)  # Rn: a slot on another node
+        hit_VR = torch.zeros(rank_Vk.shape[0], Rn + 1, dtype=torch.bool, device=x_TH.device)
+        hit_VR = hit_VR.scatter_(1, rank_Vk, True)[:, :Rn]
+        rank_W, row_W = hit_VR.t().nonzero(as_tuple=True)
+        on_rank_Wk = rank_Vk[row_W] == rank_W[:, None]
+        local_expert_Wk = torch.where(on_rank_Wk, expert_Vk[row_W] - E0 - rank_W[:, None] * L, -1)
+        weight_Wk = torch.where(on_rank_Wk, weight_Vk[row_W], 0.0)
+        hop2_sent_R = hit_VR.sum(0)
+        read_sizes = read_later(torch.cat([hop2_sent_R, _exchange_ints(hop2_sent_R, t.intra_group)]))
         rows_WH = rows_VH[row_W]
         sizes = read_sizes()
-        hop2_sent, hop2_received, bank_sizes = sizes[:Rn], sizes[Rn:2 * Rn], sizes[2 * Rn:]
+        hop2_sent, hop2_received = sizes[:Rn], sizes[Rn:]
         # lesson 12: re-encoding rows that arrived in FP8 gives the same values back (`fp8`: power-of-two scales)
-        received_MH = AllToAll.apply(rows_WH, hop2_received, hop2_sent, t.intra_group, self.wire)
-        local_expert_M = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(Rn),
-                                                 recv_counts_RL.flatten(), output_size=sum(hop2_received))
-        regroup_M = torch.argsort(local_expert_M, stable=True)
-        ungroup_M = inverse_permutation(regroup_M)
+        rows_XH = AllToAll.apply(rows_WH, hop2_received, hop2_sent, t.intra_group, self.wire)
+        weight_Xk = AllToAll.apply(weight_Wk, hop2_received, hop2_sent, t.intra_group)
+        expert_Xk = torch.empty(sum(hop2_received), ids_Tk.shape[1], dtype=ids_Tk.dtype, device=x_TH.device)
+        dist.all_to_all_single(expert_Xk, local_expert_Wk.contiguous(), hop2_received, hop2_sent,
+                               group=t.intra_group)
+
+        # Here, each received row expands to its (row, slot) pairs, grouped by local expert for the bank.
+        row_M, slot_M = (expert_Xk >= 0).nonzero(as_tuple=True)
+        expert_M = expert_Xk[row_M, slot_M]
+        by_expert = torch.argsort(expert_M, stable=True)
+        row_M, slot_M = row_M[by_expert], slot_M[by_expert]
+        counts_L = count_per_expert(expert_M, L)
+        read_sizes = read_later(counts_L)
+        rows_MH = rows_XH[row_M]
+        bank_sizes = read_sizes()
 
         self._count("dispatch", dispatch_row_bytes(self.cfg, self.wire), hop1_sent, hop1_received, hop2_sent,
                     hop2_received)
         meta = ids_Tk.shape[1] * (expert_Uk.element_size() + weight_Uk.element_size())
-        self._count("metadata", meta, hop1_sent, hop1_received, [0] * Rn, [0] * Rn)
-        self.traffic.add("counts", (Rn - 1) * L * 8, (Rn - 1) * L * 8, 0)
-        state = HierarchicalState(ids_Tk.shape[0], token_U, node_U, hop1_sent, hop1_received, row_W, slot_W,
-                                  weight_Vk, hop2_sent, hop2_received, regroup_M, ungroup_M, sizes=bank_sizes)
-        return Permute.apply(received_MH, regroup_M, ungroup_M), recv_counts_RL.sum(0), state
+        self._count("metadata", meta, hop1_sent, hop1_received, hop2_sent, hop2_received)
+        self.traffic.add("counts", (Rn - 1) * 8, (Rn - 1) * 8, 0)
+        state = HierarchicalState(ids_Tk.shape[0], token_U, node_U, hop1_sent, hop1_received, row_W, rank_W,
+                                  hop2_sent, hop2_received, weight_Xk, row_M, slot_M, sizes=bank_sizes)
+        return rows_MH, counts_L, state
 
     def combine(self, expert_out_MH: torch.Tensor, state: HierarchicalState) -> torch.Tensor:
         t = self.topology
         H = expert_out_MH.shape[1]
-        out_M = Permute.apply(expert_out_MH, state.ungroup_M, state.regroup_M)  # back in the order received
-        out_W = AllToAll.apply(out_M, state.hop2_sent, state.hop2_received, t.intra_group)  # to hop 1's receiver
-        # Each received row's results in its k slots (zeros off this node), then weighted and summed by a bmm, as
+        # Each received hop-2 row's results in its k slots (zeros off this rank), weighted and summed by a bmm, as
         # lesson 03's combine: placed, not scatter-added, so the sum is deterministic and accumulates in fp32.
-        V, k = state.weight_Vk.shape
-        out_VkH = out_W.new_zeros(V, k, H).index_put((state.row_W, state.slot_W), out_W)
-        partial_VH = torch.bmm(state.weight_Vk.to(out_W.dtype).unsqueeze(1), out_VkH).squeeze(1)
-        partial_UH = AllToAll.apply(partial_VH, state.hop1_sent, state.hop1_received, t.inter_group)  # once per node
+        X, k = state.weight_Xk.shape
+        out_XkH = expert_out_MH.new_zeros(X, k, H).index_put((state.row_M, state.slot_M), expert_out_MH)
+        partial_XH = torch.bmm(state.weight_Xk.to(out_XkH.dtype).unsqueeze(1), out_XkH).squeeze(1)
+        partial_WH = AllToAll.apply(partial_XH, state.hop2_sent, state.hop2_received, t.intra_group)  # once per rank
+        # hop 1's receiver adds up a row's partials from the ranks of its node, then they cross back once per node
+        by_rank_VRH = partial_WH.new_zeros(sum(state.hop1_received), t.ranks_per_node, H)
+        partial_VH = by_rank_VRH.index_put((state.row_W, state.rank_W), partial_WH).sum(1)
+        partial_UH = AllToAll.apply(partial_VH, state.hop1_sent, state.hop1_received, t.inter_group)
         # a token's partial rows, one per node it reached, added up the same way
         by_node_TPH = partial_UH.new_zeros(state.num_tokens, t.nodes, H)
         y_TH = by_node_TPH.index_put((state.token_U, state.node_U), partial_UH).sum(1)
-        self._count("combine", H * out_W.element_size(), state.hop1_received, state.hop1_sent,
+        self._count("combine", H * expert_out_MH.element_size(), state.hop1_received, state.hop1_sent,
                     state.hop2_received, state.hop2_sent)
         return y_TH
 
@@ -191,7 +212,6 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         inter = sum(hop1_sent[n] for n in range(t.nodes) if n != t.node) * row_bytes
         inter_in = sum(hop1_received[n] for n in range(t.nodes) if n != t.node) * row_bytes
         self.traffic.add(f"{phase} inter-node", inter, inter_in, inter)
-        if phase != "metadata":
-            others = [r for r in range(t.ranks_per_node) if r != t.local_rank]
-            intra = sum(hop2_sent[r] for r in others) * row_bytes
-            self.traffic.add(f"{phase} intra-node", intra, sum(hop2_received[r] for r in others) * row_bytes, intra)
+        others = [r for r in range(t.ranks_per_node) if r != t.local_rank]
+        intra = sum(hop2_sent[r] for r in others) * row_bytes
+        self.traffic.add(f"{phase} intra-node", intra, sum(hop2_received[r] for r in others) * row_bytes, intra)

@@ -8,7 +8,8 @@ Lesson 05's capacity is a config option that every dispatcher honours (`dispatch
 Lesson 06 adds the hash router, which routes by token id: `layer(x, token_ids=ids)`. Lesson 08 adds the shared
 expert (`shared_expert`); lesson 09 runs it while the dispatch's rows travel (`overlap`), and runs a layer as two
 micro-batches (`two_batch`). Lesson 10's dispatcher crosses nodes once per (token, node):
-`MoELayer(cfg, "hierarchical", ranks_per_node=R)`. Lesson 14 puts the layer inside a model (`lessons_lib.model`),
+`MoELayer(cfg, "hierarchical", ranks_per_node=R)`. Lesson 11 places redundant experts, behind either of those two
+dispatchers: `MoELayer(cfg, "alltoall", placement=P)`. Lesson 14 puts the layer inside a model (`lessons_lib.model`),
 and lesson 15 runs its decode steps with fixed sizes (`static_decode`).
 `MoELayer(cfg, dispatcher="alltoall", experts="grouped", group=ep_group)` is the course's final layer.
 """
@@ -55,6 +56,7 @@ DISPATCHERS: dict[str, type[nn.Module]] = {
     "tp": TensorParallelDispatcher,  # lesson 07: tensor parallel, for comparison
     "hierarchical": HierarchicalDispatcher,  # lesson 10: across nodes, once per (token, node)
 }
+PLACED_DISPATCHERS = ("alltoall", "hierarchical")  # lesson 11: those that take a placement of replicas
 EXPERT_BANKS: dict[str, type[nn.Module]] = {
     "loop": LoopExperts,  # lesson 01: one expert after the other
     "bmm": BmmExperts,  # lesson 04: padded to the largest group, batched matmul
@@ -109,6 +111,8 @@ class MoELayer(nn.Module):
         (`overlap.SharedBeside`); False runs the same steps without overlap, to compare.
     ranks_per_node: lesson 10's "hierarchical" dispatcher, the world as nodes × ranks_per_node (None: torchrun's
         LOCAL_WORLD_SIZE).
+    placement: lesson 11's redundant experts, [ranks, slots_per_rank] logical expert ids (`placement.place_experts`),
+        behind "alltoall" or "hierarchical" (a node-aware placement keeps every replica on its expert's node).
 
     The forward is four steps, each a method (the benchmark times them one by one):
     route -> dispatch -> run_experts -> combine, and with a shared expert (lesson 08) y += shared(x).
@@ -126,8 +130,11 @@ class MoELayer(nn.Module):
         extra = {"ranks_per_node": ranks_per_node} if dispatcher == "hierarchical" else {}
         self.replicas, slots_cfg = None, cfg
         if placement is not None:  # lesson 11: the dispatcher and the bank see one "expert" per physical slot
-            if dispatcher != "alltoall" or cfg.capacity_factor is not None:
-                raise ValueError("a placement (lesson 11) needs dispatcher 'alltoall' and no capacity_factor")
+            # physical slot p lives on rank p // slots_per_rank, so both EP dispatchers that send each pair to its
+            # slot's rank (lesson 03's directly, lesson 10's through the slot's node) serve replicas unchanged
+            if dispatcher not in PLACED_DISPATCHERS or cfg.capacity_factor is not None:
+                raise ValueError(f"a placement (lesson 11) needs dispatcher 'alltoall' or 'hierarchical' and no "
+                                 f"capacity_factor, got {dispatcher!r}")
             self.replicas = Replicas(placement, cfg.num_experts, *rank_and_size(group))
             slots_cfg = dataclasses.replace(cfg, num_experts=len(self.replicas.slot_expert), router="softmax_topk",
                                             num_groups=1, topk_groups=None, routed_scaling_factor=1.0, vocab_size=None)

@@ -12,10 +12,13 @@ expert's tokens are split evenly over its replicas. `place_experts` does it in t
    when no other is free. Largest-first greedy packing is a classic heuristic for minimising the busiest bin
    (Graham's LPT rule).
 
-With `ranks_per_node` (lesson 10) experts stay on their node: node n keeps its contiguous block of experts (so
-node-limited routing still reaches them within M nodes) and both steps run inside each node, over its slots and
-ranks. DeepSeek's open EPLB balances its hierarchical variant the same way round (groups to nodes, then replicas
-and GPUs inside each node); this is the course's own, simpler version.
+With `ranks_per_node` (lesson 10) experts stay on one node each, so balancing adds no traffic between nodes and
+node-limited routing (a token's experts in at most M groups) still reaches at most M nodes; both steps then run
+inside each node, over its slots and ranks. Which experts a node holds: by default its contiguous block, as
+lesson 10 placed them; with `group_nodes` (from `nodes_of_groups`) whole expert groups first move between nodes
+to even out the nodes' loads, and a token's M groups then lie on the M nodes that map names. DeepSeek's open EPLB
+orders its hierarchical policy the same way (groups to nodes, then replicas and GPUs inside each node); this is the
+course's own, simpler version.
 """
 from __future__ import annotations
 
@@ -66,11 +69,30 @@ def _pack(experts: list[int], load: list[float], replicas: list[int], num_ranks:
     return [sorted(s) for s in slots]
 
 
+def nodes_of_groups(load_E: torch.Tensor, num_groups: int, nodes: int) -> list[int]:
+    """The node each expert group goes to (group g: the contiguous experts g·E/G … (g+1)·E/G − 1, as the router's
+    groups, lesson 06), G/nodes groups a node, to even out the nodes' loads: the groups, heaviest first, each to the
+    least-loaded node that still has room (the packing rule below, one level up)."""
+    _check(load_E, 1, load_E.numel())
+    E = load_E.numel()
+    if num_groups <= 0 or nodes <= 0 or E % num_groups or num_groups % nodes:
+        raise ValueError(f"num_groups ({num_groups}) must divide the experts ({E}), and the nodes ({nodes}) the "
+                         "groups")
+    group_load = load_E.double().view(num_groups, -1).sum(1).tolist()
+    node_load, room, node_of = [0.0] * nodes, [num_groups // nodes] * nodes, [0] * num_groups
+    for g in sorted(range(num_groups), key=lambda g: (-group_load[g], g)):
+        n = min((n for n in range(nodes) if room[n]), key=lambda n: (node_load[n], n))
+        node_of[g], node_load[n], room[n] = n, node_load[n] + group_load[g], room[n] - 1
+    return node_of
+
+
 def place_experts(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int,
-                  ranks_per_node: int | None = None) -> torch.Tensor:
+                  ranks_per_node: int | None = None, group_nodes: list[int] | None = None) -> torch.Tensor:
     """[num_ranks, slots_per_rank] int64: the logical expert each physical slot holds, for per-expert loads [E]
     (token counts or a moving average). Every expert gets at least one slot; see the module for the algorithm.
-    ValueError for too few slots, a negative load, a wrong shape, or nodes that do not split ranks and experts."""
+    ranks_per_node: keep every expert on one node (its contiguous block's, or with group_nodes, the node of its
+    group: `nodes_of_groups`). ValueError for too few slots, a negative load, a wrong shape, or nodes that do not
+    split ranks and experts."""
     _check(load_E, num_ranks, slots_per_rank)
     E = load_E.numel()
     load = load_E.double().tolist()
@@ -81,9 +103,17 @@ def place_experts(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int,
     nodes, per_node = num_ranks // R, E // (num_ranks // R)
     if R * slots_per_rank < per_node:
         raise ValueError(f"a node's {R * slots_per_rank} slots cannot hold its {per_node} experts")
+    node_experts = [list(range(n * per_node, (n + 1) * per_node)) for n in range(nodes)]
+    if group_nodes is not None:
+        G = len(group_nodes)
+        even = sorted(group_nodes) == sorted(list(range(nodes)) * (G // nodes))  # G/nodes groups on every node
+        if ranks_per_node is None or G == 0 or E % G or not even:
+            raise ValueError(f"group_nodes must give each of the {nodes} nodes the same number of groups (with "
+                             f"ranks_per_node, and groups that split the {E} experts), got {list(group_nodes)}")
+        node_experts = [[e for g in range(G) if group_nodes[g] == n for e in range(g * E // G, (g + 1) * E // G)]
+                        for n in range(nodes)]
     out = []
-    for n in range(nodes):
-        experts = list(range(n * per_node, (n + 1) * per_node))
+    for experts in node_experts:
         counts = replica_counts(load_E[experts], R * slots_per_rank)
         replicas = [0] * E
         for e, c in zip(experts, counts):
