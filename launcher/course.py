@@ -51,8 +51,9 @@ def exercise_part(notebook: Path):
     sections = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## ")]
     exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
                  and any(line.startswith("## Exercises") for line in c.source.splitlines())]
-    if not sections or not exercises:
-        raise ValueError(f"{notebook.name} has no '## ' section or no '## Exercises' heading")
+    if not sections or not exercises or exercises[0] <= sections[0]:
+        raise ValueError(f"{notebook.name} needs a '## ' section after its set-up and, after that, an '## Exercises' "
+                         "heading")
     nb.cells = nb.cells[:sections[0]] + nb.cells[exercises[0]:]
     return nb
 

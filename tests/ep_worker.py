@@ -703,6 +703,34 @@ def main():
                                               device=device, dispatcher="hierarchical", ranks_per_node=R)
         result = {"rows": rows, "training": training,
                   "nodes_per_token": nodes_per_token(rank, world_size, R, device)}
+    elif p["mode"] == "placement_differs":  # lesson 11: a placement that is not the same on every rank
+        E = 2 * world_size
+        cfg = MoEConfig(num_experts=E, top_k=2, hidden_dim=8, ffn_dim=8)
+        same = torch.arange(E).view(world_size, 2)
+        other = same.flip(0) if rank == 1 else same
+        result = {}
+        for name, kw in (("differs", {"placement": other}),
+                         ("shape differs", {"placement": same[:, :1] if rank == 1 else same}),
+                         ("same on every rank, bad", {"placement": same + E}),
+                         ("differs, hierarchical", {"placement": other, "dispatcher": "hierarchical",
+                                                    "ranks_per_node": 1})):
+            try:
+                MoELayer(cfg, kw.pop("dispatcher", "alltoall"), **kw)
+                result[name] = "no error"
+            except ValueError as e:
+                result[name] = str(e)
+        layer = MoELayer(cfg, "alltoall", placement=same)
+        try:
+            layer.set_placement(other)
+            result["set_placement differs"] = "no error"
+        except ValueError as e:
+            result["set_placement differs"] = str(e)
+        done = torch.ones(1)
+        dist.all_reduce(done)  # every rank got here: none is left waiting
+        result["ranks done"] = int(done)
+        every = [None] * world_size
+        dist.all_gather_object(every, result)
+        result = every
     elif p["mode"] == "placement_training":
         from lessons_lib.lab.equivalence import compare_placement_training
         from lessons_lib.moe.placement import place_experts
@@ -736,6 +764,9 @@ def main():
                     rows["hier_model"] = 4 * H * sum(len({int(e) // per_node for e in row} - {rank // R})
                                                      for row in ids)  # token by token, apart from the dispatcher
                     rows["intra"] = ph["dispatch intra-node"].sent
+                    # the other phases, sent bytes: what comes back inside the node, the slots beside the rows
+                    rows["phases"] = {name: ph[name].sent for name in ("combine intra-node", "metadata inter-node",
+                                                                       "metadata intra-node", "counts")}
                     # the fan-out: a row per (token, rank holding its experts) whose local rank is not this rank's
                     rows["intra_model"] = 4 * H * sum(len({int(e) // per_rank for e in row} - {r for r in range(
                         world_size) if r % R == rank % R}) for row in ids)

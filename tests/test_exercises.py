@@ -199,9 +199,19 @@ def test_replicas_for_the_largest_load_per_replica_after_the_slot_fail():
             replicas[e] += 1
         return replicas
 
-    assert after_the_slot(T([3.0, 2.0]), 4) == [3, 1]
+    assert after_the_slot(T([3.0, 2.0]), 4) == [3, 1] and after_the_slot(T([5.0, 3.0]), 4) == [3, 1]
     result = run_check("11.2", after_the_slot)
     assert result["status"] == "failed" and "now, not after" in result["message"], result
+
+    def after_the_slot_high_id_on_a_tie(load, num_slots):  # passes the tied case: the case without a tie catches it
+        replicas = [1] * len(load)
+        for _ in range(num_slots - len(load)):
+            e = max(range(len(load)), key=lambda e: (float(load[e]) / (replicas[e] + 1), e))
+            replicas[e] += 1
+        return replicas
+
+    result = run_check("11.2", after_the_slot_high_id_on_a_tie)
+    assert result["status"] == "failed", result
 
 
 def test_replicas_handed_out_in_slot_token_order_fail():

@@ -12,7 +12,8 @@ WORKER = REPO / "tests" / "ep_worker.py"
 TOLERANCE = 1e-5  # max relative error, fp32 on CPU
 
 
-# 2 and 4 ranks; one rank, where every exchange is a copy to itself, was left out for CI's time (216 cases, 40-130 s)
+# 2 and 4 ranks; one rank, where every exchange is a copy to itself, was left out for CI's time (216 cases, 40-130 s):
+# test_lesson12 runs a shared expert behind every EP dispatcher at one rank
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_shared_experts_and_routing_by_id_equal_the_single_device_layer(nproc):
     rows = run_script(WORKER, nproc=nproc, backend="gloo", params={"mode": "shared_block"}, stream=False,

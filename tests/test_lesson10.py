@@ -40,6 +40,15 @@ def test_counted_inter_node_bytes_equal_the_model_exactly(nproc, ranks_per_node)
         assert sum(r[name]["flat_combine"] for r in every) == sum(r[name]["flat_model"] for r in every)
     for name in ("softmax", "node-limited M=1"):  # NVLink: what the forwarders fanned out is the model's, summed
         assert sum(r[name]["intra"] for r in every) == sum(r[name]["intra_model"] for r in every) > 0
+    k, N = 4, len(every)
+    for name in ("softmax", "node-limited M=1"):
+        for r in every:  # beside each row, its k slots: an int64 id and an fp32 weight each; rows of 4·H bytes
+            ph, H = r[name]["phases"], 16
+            assert ph["metadata inter-node"] == r[name]["hier"][0] // (4 * H) * k * 12
+            assert ph["metadata intra-node"] == r[name]["intra"] // (4 * H) * k * 12
+            assert ph["counts"] == (N - 1) * 16 + (ranks_per_node - 1) * 8  # hop 1's sizes and codes, hop 2's sizes
+        # a partial row goes back inside the node for every row that was forwarded there
+        assert sum(r[name]["phases"]["combine intra-node"] for r in every) == sum(r[name]["intra"] for r in every)
     sent = sum(r["softmax"]["hier"][0] for r in every)
     assert sent == sum(r["softmax"]["hier"][2] for r in every) and sent > 0  # what leaves arrives
     assert sum(r["softmax"]["hier_model"] for r in every) < sum(r["softmax"]["flat_model"] for r in every)

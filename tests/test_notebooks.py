@@ -59,7 +59,8 @@ def test_notebook_executes(notebook, solutions, tmp_path, monkeypatch):
 
 def test_the_solutions_run_keeps_the_set_up_and_the_exercises():
     """Only the cells between the set-up and the exercises may be left out of the solutions run, and none of them
-    may read SOLUTIONS (else leaving them out would change what the run checks)."""
+    may read SOLUTIONS (else leaving them out would change what the run checks). That the exercises need nothing
+    those cells define, the solutions run itself shows (a NameError fails it)."""
     from launcher.course import exercise_part
 
     for notebook in [nb for nb in NOTEBOOKS if _has_exercises(nb)]:

@@ -48,3 +48,13 @@ def test_replicas_behind_the_hierarchical_dispatcher_equal_the_single_device_lay
     # node-limited routing (one group a token): one node a token while every expert lives on one node, whichever
     # node that is; replicas spread over nodes send some token to two
     assert r["nodes_per_token"] == {"node-aware": 1.0, "groups moved": 1.0, "replicas across nodes": 2.0}
+
+
+def test_a_placement_that_differs_between_ranks_stops_every_rank():
+    every = run_script(WORKER, nproc=2, backend="gloo", params={"mode": "placement_differs"}, stream=False,
+                       timeout=120).value
+    for result in every:
+        for name in ("differs", "shape differs", "differs, hierarchical", "set_placement differs"):
+            assert "the placement differs between ranks (ranks [1]" in result[name], (name, result[name])
+        assert "a placement holds expert ids 0..3" in result["same on every rank, bad"]
+        assert result["ranks done"] == 2

@@ -492,8 +492,10 @@ def per_rank_load(placement: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
                     ("a tie", (torch.tensor([2.0, 2.0, 1.0]), 4)),
                     ("Zipf", (1.0 / torch.arange(1, 9, dtype=torch.float64), 12)),
                     # the load per replica before the spare slot decides, not after: [3, 1] would leave 2.0 per
-                    # replica of expert 1 where [2, 2] leaves at most 1.5
-                    ("the load per replica now, not after the slot", (torch.tensor([3.0, 2.0]), 4))])
+                    # replica of expert 1 where [2, 2] leaves at most 1.5 (the case: after the slot, a tie
+                    # decides it), and for [5, 3] [3, 1] leaves 3.0 where [2, 2] leaves 2.5 (no tie on the way)
+                    ("the load per replica now, not after the slot", (torch.tensor([3.0, 2.0]), 4)),
+                    ("now, not after the slot, without a tie", (torch.tensor([5.0, 3.0]), 4))])
 def replicas_per_expert(load: torch.Tensor, num_slots: int) -> list:
     from lessons_lib.moe.placement import replica_counts
 

@@ -15,12 +15,12 @@ experts all live on one remote node crosses the network k times. Here the world 
      its node's partials, which cross back once per (token, node); the token's rank adds up its nodes' partials.
 
 DeepEP's normal kernels (prefill and training) move a token the same way: over the network once per destination
-node, over NVLink once per destination rank. Its low-latency kernels (decode) send each token straight to each
-destination rank over the network, with no forwarding.
+node, over NVLink once per destination rank. Its low-latency kernels (decode) forward nothing: each (token, expert)
+pair goes straight to the expert's rank, one message per top-k slot, as lesson 03 does.
 
 Every rank takes part in every collective, also with nothing to send. The weights travel through the same
 differentiable all-to-all as the rows, so the router's gradient comes back the way they went (in backward that
-is k numbers per row more over the network, which `traffic`, a record of the forward, does not count). `traffic` splits
+is k numbers per row more on both hops, which `traffic`, a record of the forward, does not count). `traffic` splits
 the bytes by link class: "dispatch inter-node", "dispatch intra-node", "combine inter-node", "combine
 intra-node", and the slots' ids and weights beside the rows as "metadata inter-node" and "metadata intra-node".
 
@@ -74,7 +74,7 @@ def _exchange_ints(send: torch.Tensor, group) -> torch.Tensor:
 
 
 class HierarchicalDispatcher(ExpertParallelDispatcher):
-    """Two hops: once per (token, node) between nodes, then fanned out to the experts' ranks inside the node."""
+    """Two hops: once per (token, node) between nodes, then once per (token, rank) inside the node."""
 
     def __init__(self, cfg, group=None, ranks_per_node: int | None = None):
         if group is not None:
@@ -190,12 +190,14 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
         t = self.topology
         H = expert_out_MH.shape[1]
         # Each received hop-2 row's results in its k slots (zeros off this rank), weighted and summed by a bmm, as
-        # lesson 03's combine: placed, not scatter-added, so the sum is deterministic and accumulates in fp32.
+        # lesson 03's combine: placed, not scatter-added, so the sum is deterministic and accumulates in fp32. Each
+        # hop's partial rows are in the layer's dtype, so in bf16 the sum is rounded once per hop.
         X, k = state.weight_Xk.shape
         out_XkH = expert_out_MH.new_zeros(X, k, H).index_put((state.row_M, state.slot_M), expert_out_MH)
         partial_XH = torch.bmm(state.weight_Xk.to(out_XkH.dtype).unsqueeze(1), out_XkH).squeeze(1)
         partial_WH = AllToAll.apply(partial_XH, state.hop2_sent, state.hop2_received, t.intra_group)  # once per rank
-        # hop 1's receiver adds up a row's partials from the ranks of its node, then they cross back once per node
+        # hop 1's receiver adds up a row's partials from the ranks of its node (placed in a [V, Rn, H] buffer and
+        # summed, not index_add_-ed, for a deterministic sum), then they cross back once per node
         by_rank_VRH = partial_WH.new_zeros(sum(state.hop1_received), t.ranks_per_node, H)
         partial_VH = by_rank_VRH.index_put((state.row_W, state.rank_W), partial_WH).sum(1)
         partial_UH = AllToAll.apply(partial_VH, state.hop1_sent, state.hop1_received, t.inter_group)

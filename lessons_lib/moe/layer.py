@@ -37,7 +37,7 @@ from .hash_router import HashRouter, TableRouter
 from .init import expert_weight_shapes
 from .load_balancing import SigmoidBiasRouter, router_z_loss
 from .overlap import SharedBeside
-from .placement import Replicas
+from .placement import Replicas, check_same_on_every_rank
 from .router import Routing, TopKRouter, load_balancing_loss
 from .shared_expert import SharedExpert
 from .tensor_parallel import TensorParallelDispatcher
@@ -135,6 +135,7 @@ class MoELayer(nn.Module):
             if dispatcher not in PLACED_DISPATCHERS or cfg.capacity_factor is not None:
                 raise ValueError(f"a placement (lesson 11) needs dispatcher 'alltoall' or 'hierarchical' and no "
                                  f"capacity_factor, got {dispatcher!r}")
+            check_same_on_every_rank(placement, group)  # before any rank can refuse it alone
             self.replicas = Replicas(placement, cfg.num_experts, *rank_and_size(group))
             slots_cfg = dataclasses.replace(cfg, num_experts=len(self.replicas.slot_expert), router="softmax_topk",
                                             num_groups=1, topk_groups=None, routed_scaling_factor=1.0, vocab_size=None)
@@ -256,6 +257,7 @@ class MoELayer(nn.Module):
         the expert's first replica under the old placement. Every rank of the group calls it together."""
         if self.replicas is None:
             raise ValueError("set_placement needs a layer built with a placement: MoELayer(..., placement=P)")
+        check_same_on_every_rank(placement, self.dispatcher.group)
         new = Replicas(placement, self.cfg.num_experts, *rank_and_size(self.dispatcher.group))
         if new.mine.shape != self.replicas.mine.shape:
             raise ValueError(f"a new placement keeps {len(self.replicas.mine)} slots per rank, got {len(new.mine)}")

@@ -155,11 +155,37 @@ def greedy_placement(load_E: torch.Tensor, num_ranks: int, slots_per_rank: int) 
 
 # ---------------------------------------------------------------- the layer's side: replicas of logical experts
 
+def check_same_on_every_rank(placement, group=None) -> None:
+    """A ValueError on every rank of `group` if the ranks were given different placements (say, each built from its
+    own tokens' loads): each would send pairs to slots that the others think hold other experts, and the outputs
+    would be wrong without a word. One all_gather of the placement's shape and two checksums, which every rank
+    joins before any rank can refuse the placement alone (so that none is left waiting)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    try:
+        p = torch.as_tensor(placement, dtype=torch.long).cpu().flatten()
+        shape = list(torch.as_tensor(placement).shape) + [0, 0]
+        weights = torch.arange(1, len(p) + 1)
+        mine = [shape[0], shape[1], int((p * weights).sum()), int((p * p * (weights + 7)).sum())]
+    except (TypeError, ValueError, RuntimeError):
+        mine = [-1, -1, -1, -1]  # not a tensor of ints: every rank then refuses it the same way, or they differ
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    mine_t = torch.tensor(mine, dtype=torch.long, device=device)
+    every = [torch.empty_like(mine_t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine_t, group=group)
+    differ = [r for r, v in enumerate(every) if not torch.equal(v, every[0])]
+    if differ:
+        raise ValueError(f"the placement differs between ranks (ranks {differ} differ from the group's first): every "
+                         "rank must be given the same placement, built from the loads summed over the group")
+
+
 class Replicas:
     """A placement in use: physical slot p = rank · slots_per_rank + j holds logical expert slot_expert[p].
 
     The layer routes over logical experts, then `physical` sends each (token, expert) pair to one of the expert's
-    replicas; from there on the all-to-all dispatcher and the bank see one "expert" per physical slot.
+    replicas; from there on the dispatcher (lesson 03's or lesson 10's) and the bank see one "expert" per physical slot.
     """
 
     def __init__(self, placement: torch.Tensor, num_experts: int, rank: int, world_size: int):

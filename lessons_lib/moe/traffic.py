@@ -24,7 +24,8 @@ class Traffic:
 
     Backward sends the row gradients back through the mirror-image collectives: the combine
     phase's amount again, and the dispatch phase's rows when the input needs a gradient (in the layer's dtype even
-    where the dispatch went in FP8, lesson 12); the sizes, counts and metadata are not exchanged again."""
+    where the dispatch went in FP8, lesson 12); the sizes, counts and expert ids are not exchanged again (lesson 10's
+    routing weights are: their gradients go back the way they came)."""
 
     phases: dict = field(default_factory=dict)  # name -> PhaseBytes
 
